@@ -1,0 +1,96 @@
+"""The task sequencer: turns epoch boundaries into task boundaries and tells the method callbacks."""
+
+from __future__ import annotations
+
+import os
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+ADAPTER_MODES = ("stacked", "shared")
+
+
+class TaskCallback(Callback):
+    """A method callback: besides Lightning's hooks it hears the task events of :class:`TaskSequencer`."""
+
+    def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        """Called before the first batch of ``task``, after the optimizer state was cleared."""
+
+    def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        """Called after the last batch of ``task`` (and its validation), before its adapter is frozen."""
+
+
+class TaskSequencer(Callback):
+    """Runs one task per epoch.
+
+    At a task start it reseeds every RNG from (seed, task), clears the optimizer state and fires
+    ``on_task_start``; at a task end it fires ``on_task_end`` and then, with ``adapters='stacked'``, moves
+    each LoRA slot into its layer's frozen stack and re-initialises the slot (stacked per-task LoRA). With
+    ``adapters='shared'`` one adapter keeps training across tasks (sequential LoRA).
+
+    Reseeding per task makes a run resumed from a task-end checkpoint draw the same dropout masks and slot
+    initialisations as the uninterrupted run.
+
+    Args:
+        adapters: ``stacked`` (a new adapter per task, past ones frozen) or ``shared``.
+        seed: base seed; by default the run's ``seed_everything`` value.
+    """
+
+    def __init__(self, adapters: str = "stacked", seed: int | None = None) -> None:
+        if adapters not in ADAPTER_MODES:
+            raise ValueError(f"adapters must be one of {ADAPTER_MODES}, got {adapters!r}")
+        self.adapters = adapters
+        self.seed = seed
+        self.tasks_started = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.seed is None:
+            self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        if stage != "fit":
+            return
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "num_stages"):
+            raise ValueError("TaskSequencer needs a task-sequence datamodule such as plan.datamodules.TaskSequenceDataModule")
+        if trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ValueError(
+                f"TaskSequencer needs trainer.reload_dataloaders_every_n_epochs=1 (one epoch = one task), "
+                f"got {trainer.reload_dataloaders_every_n_epochs}"
+            )
+        stages = datamodule.num_stages
+        if trainer.max_epochs in (None, -1):
+            trainer.fit_loop.max_epochs = stages
+        elif trainer.max_epochs > stages:
+            raise ValueError(f"trainer.max_epochs={trainer.max_epochs} exceeds the {stages} tasks of the sequence; use at most {stages} (or -1 for all)")
+
+    def _task_callbacks(self, trainer: pl.Trainer) -> list[TaskCallback]:
+        return [cb for cb in trainer.callbacks if isinstance(cb, TaskCallback)]
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        task = trainer.current_epoch
+        if task < self.tasks_started:  # resumed inside a task: its start already happened
+            return
+        pl.seed_everything(self.seed * 1009 + task, workers=True, verbose=False)
+        for optimizer in trainer.optimizers:
+            optimizer.state.clear()
+        for callback in self._task_callbacks(trainer):
+            callback.on_task_start(trainer, pl_module, task)
+        self.tasks_started = task + 1
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        task = trainer.current_epoch
+        for callback in self._task_callbacks(trainer):
+            callback.on_task_end(trainer, pl_module, task)
+        if self.adapters == "stacked":
+            generator = torch.Generator().manual_seed(self.seed * 1009 + task + 1)
+            for layer in pl_module.lora_layers.values():
+                layer.freeze_slot()
+                layer.reset_slot(generator)
+
+    def state_dict(self) -> dict:
+        return {"adapters": self.adapters, "seed": self.seed, "tasks_started": self.tasks_started}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict["adapters"] != self.adapters:
+            raise ValueError(f"checkpoint was trained with adapters={state_dict['adapters']!r}, this run asks for {self.adapters!r}")
+        self.seed, self.tasks_started = state_dict["seed"], state_dict["tasks_started"]

@@ -1,0 +1,328 @@
+"""Task sequences for continual learning: one training epoch is one task.
+
+The datamodule splits a source into tasks (by classes for class- and task-incremental learning, by domains
+for domain-incremental learning), serves the current task's training data for as many passes as the task asks,
+and validates on every task seen so far, one dataloader each, so each epoch end yields one row of the accuracy
+matrix. It shards batches across ranks itself (``use_distributed_sampler=False``) so that a DDP run sees the
+same global batches as a single process.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from plan.datamodules.sources import DataSource, Examples
+from plan.models import EMBEDDED_MINILM
+
+SCENARIOS = ("class_incremental", "task_incremental", "domain_incremental")
+
+
+@dataclass
+class TaskLayout:
+    """Which global class ids each task holds, and how evaluation restricts the head."""
+
+    scenario: str
+    class_names: list[str]
+    task_classes: list[list[int]]
+    task_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def class_incremental_layout(
+    classes: list[str], scenario: str, classes_per_task: int | None, tasks: list[list[str]] | None, order_seed: int
+) -> TaskLayout:
+    """Tasks of disjoint classes: explicit ``tasks`` (class names), or a seeded class order cut every
+    ``classes_per_task``. Global class ids follow the task order, so task t owns a contiguous id range."""
+    known = set(classes)
+    if tasks is not None:
+        unknown = sorted({c for task in tasks for c in task} - known)
+        if unknown:
+            raise ValueError(f"task split names unknown classes {unknown}; the data has classes {sorted(known)}")
+        flat = [c for task in tasks for c in task]
+        if len(flat) != len(set(flat)):
+            raise ValueError(f"task split repeats classes across tasks: {sorted({c for c in flat if flat.count(c) > 1})}")
+        order, sizes = flat, [len(task) for task in tasks]
+    else:
+        if classes_per_task is None or classes_per_task <= 0 or len(classes) % classes_per_task:
+            raise ValueError(
+                f"classes_per_task={classes_per_task} must be a positive divisor of the {len(classes)} classes "
+                f"(or give 'tasks' as lists of class names)"
+            )
+        order = sorted(classes)
+        random.Random(order_seed).shuffle(order)
+        sizes = [classes_per_task] * (len(classes) // classes_per_task)
+    task_classes, start = [], 0
+    for size in sizes:
+        task_classes.append(list(range(start, start + size)))
+        start += size
+    return TaskLayout(scenario, order, task_classes, [f"task_{t}" for t in range(len(sizes))])
+
+
+def domain_incremental_layout(classes: list[str], domains: list[str], order: list[str] | None) -> TaskLayout:
+    """One task per domain over one shared label space."""
+    if order is not None:
+        unknown = sorted(set(order) - set(domains))
+        if unknown:
+            raise ValueError(f"domain order names unknown domains {unknown}; the data has domains {sorted(set(domains))}")
+    names = list(order) if order is not None else sorted(set(domains))
+    all_ids = list(range(len(classes)))
+    return TaskLayout("domain_incremental", sorted(classes), [all_ids for _ in names], names)
+
+
+class EncodedExamples(Dataset):
+    """Tokenised (or image) examples with global class ids; ``__getitem__`` gives one feature dict."""
+
+    def __init__(self, features: dict[str, list | Tensor], labels: Tensor) -> None:
+        self.features = features
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {key: values[i] for key, values in self.features.items()}
+        item["labels"] = self.labels[i]
+        return item
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Global batches of a seeded permutation (one permutation per pass), each cut into this rank's share.
+
+    Rank ``r`` of ``W`` takes positions ``r, r+W, ...`` of every global batch, so the union over ranks is the
+    single-process batch; a last global batch smaller than ``W`` is dropped so that every rank takes a step.
+    """
+
+    def __init__(self, indices: list[int], batch_size: int, seed: int, passes: int = 1, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+        self.indices, self.batch_size, self.seed, self.passes = indices, batch_size, seed, passes
+        self.shuffle, self.rank, self.world_size = shuffle, rank, world_size
+
+    def _global_batches(self) -> list[list[int]]:
+        batches = []
+        for p in range(self.passes):
+            order = self.indices
+            if self.shuffle:
+                perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(self.seed * 1000 + p))
+                order = [order[i] for i in perm.tolist()]
+            batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return [b for b in batches if len(b) >= self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._global_batches():
+            yield batch[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        return len(self._global_batches())
+
+
+class TaskSequenceDataModule(pl.LightningDataModule):
+    """A sequence of tasks cut from one source; epoch ``t`` trains task ``t`` and validates tasks ``0..t``.
+
+    Args:
+        source: where the examples come from (20 Newsgroups, a ``datasets`` dataset, synthetic data).
+        scenario: ``class_incremental`` (one head over all classes seen so far), ``task_incremental``
+            (prediction restricted to the evaluated task's classes) or ``domain_incremental`` (tasks are the
+            source's domains over one label space).
+        classes_per_task: cut the seeded class order into tasks of this many classes.
+        tasks: explicit class names per task instead of ``classes_per_task``.
+        domains: domain order for ``domain_incremental`` (default: sorted domain names).
+        class_order_seed: seed of the class order (1993 is the community convention).
+        seed: seed of the data order; pass ``p`` of task ``t`` uses a permutation drawn from (seed, t, p).
+        passes_per_task: how many times an epoch walks over the task's training data.
+        joint: train once on the union of all tasks (the multi-task upper bound), validating on each task.
+        batch_size: global batch size; under DDP each rank takes ``batch_size / world_size`` of each batch.
+        tokenizer: model name or path whose tokenizer encodes text sources.
+    """
+
+    def __init__(
+        self,
+        source: DataSource,
+        scenario: str = "class_incremental",
+        classes_per_task: int | None = None,
+        tasks: list[list[str]] | None = None,
+        domains: list[str] | None = None,
+        class_order_seed: int = 1993,
+        seed: int = 0,
+        passes_per_task: int = 1,
+        joint: bool = False,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        tokenizer: str = EMBEDDED_MINILM,
+        max_length: int = 128,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if scenario not in SCENARIOS:
+            raise ValueError(f"scenario {scenario!r} is not one of {SCENARIOS}")
+        if passes_per_task < 1:
+            raise ValueError(f"passes_per_task must be >= 1, got {passes_per_task}")
+        self.source = source
+        self.scenario = scenario
+        self.classes_per_task = classes_per_task
+        self.tasks = tasks
+        self.domains = domains
+        self.class_order_seed = class_order_seed
+        self.seed = seed
+        self.passes_per_task = passes_per_task
+        self.joint = joint
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.tokenizer_name = tokenizer
+        self.max_length = max_length
+        self.num_workers = num_workers
+        self.layout: TaskLayout | None = None
+        self._splits: dict[str, tuple[EncodedExamples, list[list[int]]]] = {}
+
+    # -- the sequence -------------------------------------------------------------------------------------
+
+    @property
+    def num_tasks(self) -> int:
+        return self._require_layout().num_tasks
+
+    @property
+    def num_stages(self) -> int:
+        """Training epochs the scenario takes: one per task, or one for the joint upper bound."""
+        return 1 if self.joint else self.num_tasks
+
+    def tasks_seen(self, stage: int) -> int:
+        """How many tasks have been trained once stage ``stage`` is done."""
+        return self.num_tasks if self.joint else stage + 1
+
+    def fingerprint(self) -> dict:
+        layout = self._require_layout()
+        return {
+            "scenario": layout.scenario,
+            "tasks": [[layout.class_names[c] for c in classes] for classes in layout.task_classes],
+            "task_names": layout.task_names,
+            "joint": self.joint,
+            "source": self.source.describe(),
+        }
+
+    def _require_layout(self) -> TaskLayout:
+        if self.layout is None:
+            self.setup("fit")
+        return self.layout
+
+    # -- Lightning hooks ----------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.layout is not None:
+            return
+        train, test = self.source.load("train"), self.source.load("test")
+        for name, split in (("train", train), ("test", test)):
+            if len(split) == 0:
+                raise ValueError(f"source {self.source.describe()} gave an empty {name} split")
+        classes = sorted(set(train.labels))
+        if self.scenario == "domain_incremental":
+            if train.domains is None:
+                raise ValueError(f"domain_incremental needs a source with domains; {self.source.describe()} has none")
+            self.layout = domain_incremental_layout(classes, train.domains, self.domains)
+        else:
+            self.layout = class_incremental_layout(classes, self.scenario, self.classes_per_task, self.tasks, self.class_order_seed)
+        self._splits = {"train": self._encode(train), "test": self._encode(test)}
+
+    def _encode(self, examples: Examples) -> tuple[EncodedExamples, list[list[int]]]:
+        """Encode the examples of the layout's classes and list each task's example indices."""
+        layout = self.layout
+        class_id = {name: i for i, name in enumerate(layout.class_names)}
+        task_of_class = {c: t for t, classes in enumerate(layout.task_classes) for c in classes}
+        task_of_domain = {d: t for t, d in enumerate(layout.task_names)}
+        keep, task_of = [], []
+        for i, label in enumerate(examples.labels):
+            if label not in class_id:
+                continue
+            if layout.scenario == "domain_incremental":
+                task = task_of_domain.get(examples.domains[i])
+            else:
+                task = task_of_class[class_id[label]]
+            if task is not None:
+                keep.append(i)
+                task_of.append(task)
+        examples = examples.subset(keep)
+        labels = torch.tensor([class_id[label] for label in examples.labels])
+        if isinstance(examples.inputs, Tensor):
+            features = {"pixel_values": examples.inputs}
+        else:
+            from plan.models import load_tokenizer
+
+            encoded = load_tokenizer(self.tokenizer_name)(examples.inputs, truncation=True, max_length=self.max_length)
+            features = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        task_indices = [[] for _ in range(layout.num_tasks)]
+        for i, task in enumerate(task_of):
+            task_indices[task].append(i)
+        return EncodedExamples(features, labels), task_indices
+
+    def _loader(self, split: str, indices: list[int], batch_size: int, shuffle: bool, seed: int = 0, passes: int = 1) -> DataLoader:
+        dataset, _ = self._splits[split]
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        if shuffle:
+            sampler = ShardedBatchSampler(indices, batch_size, seed, passes, True, rank, world)
+        else:  # evaluation: contiguous, unpadded shards so that summed counts are exact
+            shard = indices[rank * len(indices) // world : (rank + 1) * len(indices) // world]
+            sampler = ShardedBatchSampler(shard, batch_size, seed, passes, False)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers)
+
+    @property
+    def current_stage(self) -> int:
+        return self.trainer.current_epoch if self.trainer else 0
+
+    def train_dataloader(self) -> DataLoader:
+        _, task_indices = self._splits["train"]
+        stage = self.current_stage
+        indices = [i for task in task_indices for i in task] if self.joint else task_indices[stage]
+        if not indices:
+            raise ValueError(f"task {stage} ({self.layout.task_names[stage]}) has no training examples")
+        return self._loader("train", indices, self.batch_size, True, seed=self.seed * 7919 + stage, passes=self.passes_per_task)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self.task_eval_loaders(self.tasks_seen(self.current_stage))
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.task_eval_loaders(self.num_tasks)
+
+    def task_eval_loaders(self, count: int) -> list[DataLoader]:
+        """One evaluation loader per task ``0..count-1``, on the source's test split."""
+        _, task_indices = self._splits["test"]
+        return [self._loader("test", task_indices[t], self.eval_batch_size, False) for t in range(count)]
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"fingerprint": self.fingerprint()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        stored, current = state_dict.get("fingerprint"), self.fingerprint()
+        if stored != current:
+            diff = {k: (stored.get(k), current[k]) for k in current if stored is None or stored.get(k) != current[k]}
+            raise ValueError(
+                "checkpoint belongs to a different task sequence; (checkpoint, this run) differ in: "
+                + "; ".join(f"{k}: {a!r} != {b!r}" for k, (a, b) in diff.items())
+            )
+
+
+def collate(items: list[dict]) -> dict[str, Tensor]:
+    """Stack images, or right-pad token ids and attention masks to the longest sequence in the batch."""
+    batch: dict[str, Tensor] = {"labels": torch.stack([item["labels"] for item in items])}
+    if "pixel_values" in items[0]:
+        batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
+        return batch
+    longest = max(len(item["input_ids"]) for item in items)
+    for key in ("input_ids", "attention_mask"):
+        rows = torch.zeros(len(items), longest, dtype=torch.long)
+        for r, item in enumerate(items):
+            rows[r, : len(item[key])] = torch.as_tensor(item[key])
+        batch[key] = rows
+    return batch

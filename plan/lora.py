@@ -1,0 +1,263 @@
+"""LoRA layers around frozen ``nn.Linear`` modules, injected by module-name patterns.
+
+A :class:`LoRALinear` computes ``y = W x + b + s * B A dropout(x) + B_past A_past x``:
+
+* ``W, b``: the wrapped base layer, frozen;
+* ``A, B`` (``lora_A``, ``lora_B``): the one trainable slot. These ``Parameter`` objects live for the whole
+  run, so an optimizer built once keeps tracking them; a task end copies their values into the frozen stack
+  and re-initialises them, a federated client switch loads other values into them;
+* ``A_past, B_past``: the frozen stack of finished adapters, kept as concatenated buffers with each adapter's
+  scale folded into its ``B`` block, so the whole stack is one low-rank product.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+
+@dataclass
+class LoRAConfig:
+    """What to adapt and how: PEFT's ``LoraConfig`` fields under the same names."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a frozen stack of past adapters and one trainable low-rank slot."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, name: str = "") -> None:
+        super().__init__()
+        limit = min(base.in_features, base.out_features)
+        if not 0 < rank <= limit:
+            raise ValueError(
+                f"LoRA rank {rank} does not fit layer '{name}' ({base.in_features} -> {base.out_features}): "
+                f"rank must be in 1..{limit}"
+            )
+        self.base_layer = base
+        base.requires_grad_(False)
+        self.rank = rank
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, **factory))
+        self.register_buffer("past_A", torch.empty(0, base.in_features, **factory))
+        self.register_buffer("past_B", torch.empty(base.out_features, 0, **factory))
+        self.merged = False
+        self.reset_slot()
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def past_rank(self) -> int:
+        return self.past_A.shape[0]
+
+    @torch.no_grad()
+    def reset_slot(self, generator: torch.Generator | None = None) -> None:
+        """PEFT's default init: Kaiming-uniform ``A`` (a = sqrt(5)), zero ``B``, so the slot starts as a no-op."""
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on a (rank, in) matrix
+        self.lora_A.copy_(torch.rand(self.lora_A.shape, generator=generator) * 2 * bound - bound)
+        self.lora_B.zero_()
+
+    def slot_delta(self) -> Tensor:
+        """``s * B A``: the trainable slot's dense weight update."""
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    def past_delta(self) -> Tensor:
+        """``B_past A_past``: the frozen stack's dense weight update (scales already folded in)."""
+        return self.past_B @ self.past_A
+
+    @torch.no_grad()
+    def freeze_slot(self) -> None:
+        """Append the slot to the frozen stack (scale folded into ``B``); the layer's output does not change."""
+        self._unmerged_only("freeze_slot")
+        self.past_A = torch.cat([self.past_A, self.lora_A.detach().clone()], dim=0)
+        self.past_B = torch.cat([self.past_B, self.scale * self.lora_B.detach()], dim=1)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the stack and the slot into the base weight, for inference at the base layer's cost."""
+        self._unmerged_only("merge")
+        self.base_layer.weight += (self.past_delta() + self.slot_delta()).to(self.base_layer.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (exact up to floating-point rounding of one add and one subtract)."""
+        if not self.merged:
+            raise RuntimeError("unmerge() called on a LoRA layer that is not merged")
+        self.base_layer.weight -= (self.past_delta() + self.slot_delta()).to(self.base_layer.weight.dtype)
+        self.merged = False
+
+    def _unmerged_only(self, what: str) -> None:
+        if self.merged:
+            raise RuntimeError(f"{what}() needs an unmerged layer: call unmerge() first")
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        y = y + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
+        if self.past_rank:
+            y = y + x @ self.past_A.T @ self.past_B.T
+        return y
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # The frozen stack grows task by task: take the stored size instead of refusing the mismatch.
+        for name in ("past_A", "past_B"):
+            stored = state_dict.get(prefix + name)
+            if stored is not None:
+                setattr(self, name, torch.empty_like(stored, device=self.lora_A.device, dtype=self.lora_A.dtype))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale:g}, past_rank={self.past_rank}, merged={self.merged}"
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    """PEFT's ``target_modules`` rule: a name matches a pattern equal to it or to its last dotted parts,
+    and a pattern containing regex characters must match the whole name."""
+    for pattern in patterns:
+        if name == pattern or name.endswith("." + pattern):
+            return True
+        if any(c in pattern for c in "*^$[]()|?+\\") and re.fullmatch(pattern, name):
+            return True
+    return False
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig) -> dict[str, LoRALinear]:
+    """Replace every ``nn.Linear`` whose name matches ``config.target_modules`` with a :class:`LoRALinear`.
+
+    Freezes every parameter of ``model`` first, so only the LoRA slots (and whatever the caller unfreezes
+    afterwards) train. Returns the new layers by module name.
+    """
+    if isinstance(config.target_modules, str):
+        config.target_modules = [config.target_modules]
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    targets = [name for name in linears if _matches(name, config.target_modules)]
+    if not targets:
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        raise ValueError(
+            f"target_modules {config.target_modules} match no nn.Linear in {type(model).__name__}; "
+            f"its linear layers end in: {suffixes}"
+        )
+    model.requires_grad_(False)
+    layers = {}
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layers[name] = LoRALinear(linears[name], config.rank, config.alpha, config.dropout, name=name)
+        setattr(parent, child, layers[name])
+    return layers
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The LoRA layers of ``model`` by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Every LoRA tensor of ``model`` (slot and frozen stack), keyed as in ``model.state_dict()``."""
+    state = {}
+    for name, layer in lora_layers(model).items():
+        for key in ("lora_A", "lora_B", "past_A", "past_B"):
+            state[f"{name}.{key}"] = getattr(layer, key).detach()
+    return state
+
+
+def save_adapters(model: nn.Module, path: str | Path) -> None:
+    """Write the LoRA tensors of ``model`` to a safetensors file."""
+    save_file({k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}, str(path))
+
+
+def load_adapters(model: nn.Module, path: str | Path) -> None:
+    """Load a file written by :func:`save_adapters` into a model with the same LoRA layers."""
+    state = load_file(str(path))
+    layers = lora_layers(model)
+    expected = set(adapter_state_dict(model))
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"adapter file {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, layer in layers.items():
+        layer.load_state_dict({k: state[f"{name}.{k}"] for k in ("lora_A", "lora_B", "past_A", "past_B")}, strict=False)
+
+
+def export_peft(
+    model: nn.Module,
+    directory: str | Path,
+    base_model_name_or_path: str | None = None,
+    prefix: str = "base_model.model.",
+) -> Path:
+    """Write the current adapters (frozen stack and slot together) as one PEFT LoRA adapter.
+
+    Each layer's stack and slot are concatenated into one rank ``past_rank + rank`` adapter with every scale
+    folded into ``B``; ``rank_pattern``/``alpha_pattern`` set alpha equal to that rank per layer so PEFT's
+    scale ``alpha / r`` is 1 and ``PeftModel.from_pretrained`` reproduces this model's output.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("export_peft: the model has no LoRA layers")
+    tensors, ranks = {}, {}
+    for name, layer in layers.items():
+        if layer.merged:
+            raise RuntimeError(f"export_peft: layer '{name}' is merged; unmerge() it first")
+        a = torch.cat([layer.past_A, layer.lora_A.detach()], dim=0)
+        b = torch.cat([layer.past_B, layer.scale * layer.lora_B.detach()], dim=1)
+        tensors[f"{prefix}{name}.lora_A.weight"] = a.contiguous().cpu()
+        tensors[f"{prefix}{name}.lora_B.weight"] = b.contiguous().cpu()
+        ranks[name] = a.shape[0]
+    first = next(iter(ranks.values()))
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": first,
+        "lora_alpha": first,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(layers),
+        "rank_pattern": {f"^{re.escape(n)}$": r for n, r in ranks.items() if r != first},
+        "alpha_pattern": {f"^{re.escape(n)}$": r for n, r in ranks.items() if r != first},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+__all__ = [
+    "LoRAConfig",
+    "LoRALinear",
+    "adapter_state_dict",
+    "export_peft",
+    "inject_lora",
+    "load_adapters",
+    "lora_layers",
+    "save_adapters",
+]

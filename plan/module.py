@@ -1,0 +1,192 @@
+"""The LightningModule: backbone + LoRA + one classification head + loss, and nothing method-specific.
+
+Methods live in callbacks and reach the module through three things: :attr:`lora_layers`,
+:meth:`register_loss_term`, and the task events fired by :class:`plan.callbacks.TaskSequencer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from plan.lora import LoRAConfig, LoRALinear, inject_lora
+from plan.models import EMBEDDED_MINILM, hidden_size, load_backbone
+
+LORA_KEYS = ("lora_A", "lora_B", "past_A", "past_B")
+
+
+class ContinualClassifier(pl.LightningModule):
+    """A LoRA-adapted encoder with one linear head over every class of the task sequence.
+
+    Logits are masked by scenario: training sees the current task's classes (``train_classes='current'``, as
+    InfLoRA and O-LoRA train) or every class seen so far (``'seen'``); class-incremental evaluation ranks all
+    classes seen so far, task-incremental evaluation only the evaluated task's, domain-incremental all of them.
+
+    Args:
+        backbone: Hugging Face model name or path, or ``embedded:all-MiniLM-L6-v2``.
+        backbone_config: build a randomly initialised backbone from this config instead (tests, ablations).
+        lora: rank, alpha, dropout and target modules of the adapters.
+        pooling: ``mean`` over non-padding tokens, ``cls`` (first token), or ``auto`` (mean for text, cls else).
+        lr, head_lr, weight_decay: AdamW settings for the LoRA slots and the head.
+        num_classes: head size; by default the datamodule's task layout decides it at setup.
+    """
+
+    def __init__(
+        self,
+        backbone: str = EMBEDDED_MINILM,
+        backbone_config: dict | None = None,
+        lora: LoRAConfig | None = None,
+        pooling: str = "auto",
+        train_classes: str = "current",
+        lr: float = 1e-3,
+        head_lr: float | None = None,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if pooling not in ("auto", "mean", "cls"):
+            raise ValueError(f"pooling must be 'auto', 'mean' or 'cls', got {pooling!r}")
+        if train_classes not in ("current", "seen"):
+            raise ValueError(f"train_classes must be 'current' or 'seen', got {train_classes!r}")
+        self.save_hyperparameters()
+        self.lora_config = lora or LoRAConfig()
+        self.backbone = load_backbone(backbone, backbone_config)
+        self._lora_layers = inject_lora(self.backbone, self.lora_config)
+        self.pooling = pooling
+        self.train_classes = train_classes
+        self.lr, self.head_lr, self.weight_decay = lr, head_lr or lr, weight_decay
+        self.head: nn.Linear | None = None
+        self.layout = None
+        self.task_accuracy: dict[int, float] = {}
+        self.loss_terms: dict[str, Callable[[], Tensor]] = {}
+
+    # -- the surface callbacks use ------------------------------------------------------------------------
+
+    @property
+    def lora_layers(self) -> dict[str, LoRALinear]:
+        return self._lora_layers
+
+    def register_loss_term(self, name: str, term: Callable[[], Tensor]) -> None:
+        """Add ``term()`` to every training loss (logged as ``train/<name>``); a method callback's regulariser."""
+        self.loss_terms[name] = term
+
+    def slot_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self._lora_layers.values() for p in (layer.lora_A, layer.lora_B)]
+
+    # -- layout -------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if self.layout is None:
+            datamodule = self.trainer.datamodule
+            if datamodule is None or not hasattr(datamodule, "layout"):
+                raise ValueError("ContinualClassifier needs a task-sequence datamodule (plan.datamodules.TaskSequenceDataModule)")
+            datamodule.setup(stage)
+            self.configure_layout(datamodule.layout)
+
+    def configure_layout(self, layout) -> None:
+        """Create the head and the per-task accuracy metrics for a task layout."""
+        self.layout = layout
+        self.head = nn.Linear(hidden_size(self.backbone), layout.num_classes)
+        self.task_metrics = nn.ModuleList(
+            MulticlassAccuracy(layout.num_classes, average="micro") for _ in range(layout.num_tasks)
+        )
+
+    def _tasks_seen(self) -> int:
+        datamodule = self.trainer.datamodule
+        return datamodule.tasks_seen(self.trainer.current_epoch)
+
+    def _class_mask(self, classes: list[int]) -> Tensor:
+        mask = torch.zeros(self.layout.num_classes, dtype=torch.bool, device=self.device)
+        mask[classes] = True
+        return mask
+
+    def train_mask(self) -> Tensor:
+        seen = self._tasks_seen()
+        tasks = range(seen) if self.train_classes == "seen" or self.trainer.datamodule.joint else [seen - 1]
+        return self._class_mask([c for t in tasks for c in self.layout.task_classes[t]])
+
+    def eval_mask(self, task: int, seen: int) -> Tensor:
+        """Classes ranked when evaluating ``task`` after ``seen`` tasks have been trained."""
+        if self.layout.scenario == "task_incremental":
+            return self._class_mask(self.layout.task_classes[task])
+        return self._class_mask([c for t in range(seen) for c in self.layout.task_classes[t]])
+
+    # -- forward and steps --------------------------------------------------------------------------------
+
+    def features(self, batch: dict[str, Tensor]) -> Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        hidden = self.backbone(**inputs).last_hidden_state
+        mask = batch.get("attention_mask")
+        if self.pooling == "mean" or (self.pooling == "auto" and mask is not None):
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return hidden[:, 0]
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.head(self.features(batch))
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self(batch).masked_fill(~self.train_mask(), float("-inf"))
+        loss = F.cross_entropy(logits, batch["labels"])
+        self.log("train/ce", loss, prog_bar=True)
+        for name, term in self.loss_terms.items():
+            value = term()
+            self.log(f"train/{name}", value)
+            loss = loss + value
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, self._tasks_seen())
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, self.layout.num_tasks)
+
+    def _evaluate(self, batch: dict[str, Tensor], task: int, seen: int) -> None:
+        logits = self(batch).masked_fill(~self.eval_mask(task, seen), float("-inf"))
+        self.task_metrics[task].update(logits.argmax(-1), batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        self._collect_accuracy("val", self._tasks_seen())
+
+    def on_test_epoch_end(self) -> None:
+        self._collect_accuracy("test", self.layout.num_tasks)
+
+    def _collect_accuracy(self, split: str, count: int) -> None:
+        """Per-task accuracy, summed over ranks by torchmetrics, then reset for the next evaluation."""
+        self.task_accuracy = {}
+        for task in range(count):
+            self.task_accuracy[task] = self.task_metrics[task].compute().item()
+            self.task_metrics[task].reset()
+            self.log(f"{split}/acc_task_{task}", self.task_accuracy[task], add_dataloader_idx=False)
+        self.log(f"{split}/acc", sum(self.task_accuracy.values()) / count, prog_bar=True, add_dataloader_idx=False)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # Every slot parameter is registered, frozen or not, so a callback may freeze or thaw A or B later.
+        return torch.optim.AdamW(
+            [
+                {"params": self.slot_parameters(), "lr": self.lr},
+                {"params": self.head.parameters(), "lr": self.head_lr},
+            ],
+            weight_decay=self.weight_decay,
+        )
+
+    # -- checkpoints: adapters and head only --------------------------------------------------------------
+
+    def _frozen_keys(self, state: dict) -> list[str]:
+        return [k for k in state if k.startswith("backbone.") and not k.endswith(LORA_KEYS)]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Leave the frozen backbone weights out: it is reloaded from ``backbone`` on resume."""
+        state = checkpoint["state_dict"]
+        for key in self._frozen_keys(state):
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state, own = checkpoint["state_dict"], self.state_dict()
+        for key in self._frozen_keys(own):
+            state.setdefault(key, own[key])
