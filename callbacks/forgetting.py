@@ -23,6 +23,10 @@ class ForgettingLogger(Callback):
       computed on the tasks trained so far;
     * ``cl/accuracy_matrix``: the matrix as an annotated heatmap image.
 
+    With a datamodule that validates on all tasks (``eval_tasks: all``) the upper triangle is measured too,
+    and the accuracy of the untrained model on each task is measured once before the first task, so
+    ``cl/fwt`` (forward transfer) is logged as well.
+
     The end of a run prints the matrix and the summaries. The matrix is part of the callback state, so a
     resumed run ends with the whole matrix.
     """
@@ -30,11 +34,17 @@ class ForgettingLogger(Callback):
     def __init__(self, heatmap: bool = True) -> None:
         self.heatmap = heatmap
         self.matrix: torch.Tensor | None = None
+        self.baseline: torch.Tensor | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.matrix is None:
             tasks = trainer.datamodule.num_tasks
             self.matrix = torch.full((tasks, tasks), math.nan, dtype=torch.float64)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.baseline is None and getattr(trainer.datamodule, "eval_tasks", "seen") == "all":
+            accuracy = pl_module.untrained_accuracy()
+            self.baseline = torch.tensor([accuracy[t] for t in range(len(accuracy))], dtype=torch.float64)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -51,7 +61,8 @@ class ForgettingLogger(Callback):
         if tasks is None:
             measured = (~torch.isnan(self.matrix)).any(dim=1).nonzero()
             tasks = int(measured.max()) + 1 if len(measured) else 0
-        return ContinualSummary.of(self.matrix[:tasks, :tasks])
+        baseline = None if self.baseline is None else self.baseline[:tasks]
+        return ContinualSummary.of(self.matrix[:tasks, :tasks], baseline)
 
     def _log(self, trainer: pl.Trainer, row: int, summary: ContinualSummary) -> None:
         metrics = {f"cl/acc/task_{j}": self.matrix[row, j].item() for j in range(row + 1)}
@@ -66,13 +77,15 @@ class ForgettingLogger(Callback):
         summary = self.summary()
         lines = ["accuracy matrix R[i, j] (row i: after training task i; column j: evaluated task)", format_matrix(self.matrix)]
         lines += [f"{k:>12}: {v:.4f}" if not math.isnan(v) else f"{k:>12}: n/a" for k, v in summary.as_dict().items()]
+        if self.baseline is not None:
+            lines.append("untrained accuracy per task: " + " ".join(f"{v:.3f}" for v in self.baseline.tolist()))
         rank_zero_info("\n".join(lines))
 
     def state_dict(self) -> dict:
-        return {"matrix": self.matrix}
+        return {"matrix": self.matrix, "baseline": self.baseline}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.matrix = state_dict["matrix"]
+        self.matrix, self.baseline = state_dict["matrix"], state_dict["baseline"]
 
 
 def format_matrix(matrix: torch.Tensor, markdown: bool = False) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from functools import partial
 from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
@@ -143,6 +144,8 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         seed: seed of the data order; pass ``p`` of task ``t`` uses a permutation drawn from (seed, t, p).
         passes_per_task: how many times an epoch walks over the task's training data.
         joint: train once on the union of all tasks (the multi-task upper bound), validating on each task.
+        eval_tasks: validate on the tasks ``seen`` so far (the lower triangle of the accuracy matrix) or on
+            ``all`` tasks, which also fills the upper triangle and so yields forward transfer.
         batch_size: global batch size; under DDP each rank takes ``batch_size / world_size`` of each batch.
         tokenizer: model name or path whose tokenizer encodes text sources.
     """
@@ -158,6 +161,7 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         seed: int = 0,
         passes_per_task: int = 1,
         joint: bool = False,
+        eval_tasks: str = "seen",
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         tokenizer: str = EMBEDDED_MINILM,
@@ -167,6 +171,8 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         super().__init__()
         if scenario not in SCENARIOS:
             raise ValueError(f"scenario {scenario!r} is not one of {SCENARIOS}")
+        if eval_tasks not in ("seen", "all"):
+            raise ValueError(f"eval_tasks must be 'seen' or 'all', got {eval_tasks!r}")
         if passes_per_task < 1:
             raise ValueError(f"passes_per_task must be >= 1, got {passes_per_task}")
         self.source = source
@@ -178,12 +184,14 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         self.seed = seed
         self.passes_per_task = passes_per_task
         self.joint = joint
+        self.eval_tasks = eval_tasks
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.tokenizer_name = tokenizer
         self.max_length = max_length
         self.num_workers = num_workers
         self.layout: TaskLayout | None = None
+        self.pad_id = 0
         self._splits: dict[str, tuple[EncodedExamples, list[list[int]]]] = {}
 
     # -- the sequence -------------------------------------------------------------------------------------
@@ -199,7 +207,7 @@ class TaskSequenceDataModule(pl.LightningDataModule):
 
     def tasks_seen(self, stage: int) -> int:
         """How many tasks have been trained once stage ``stage`` is done."""
-        return self.num_tasks if self.joint else stage + 1
+        return self.num_tasks if self.joint else min(stage + 1, self.num_tasks)
 
     def fingerprint(self) -> dict:
         layout = self._require_layout()
@@ -258,7 +266,9 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         else:
             from plan.models import load_tokenizer
 
-            encoded = load_tokenizer(self.tokenizer_name)(examples.inputs, truncation=True, max_length=self.max_length)
+            tokenizer = load_tokenizer(self.tokenizer_name)
+            self.pad_id = tokenizer.pad_token_id or 0
+            encoded = tokenizer(examples.inputs, truncation=True, max_length=self.max_length)
             features = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         task_indices = [[] for _ in range(layout.num_tasks)]
         for i, task in enumerate(task_of):
@@ -273,7 +283,7 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         else:  # evaluation: contiguous, unpadded shards so that summed counts are exact
             shard = indices[rank * len(indices) // world : (rank + 1) * len(indices) // world]
             sampler = ShardedBatchSampler(shard, batch_size, seed, passes, False)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=partial(collate, pad_id=self.pad_id), num_workers=self.num_workers)
 
     @property
     def current_stage(self) -> int:
@@ -288,7 +298,8 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         return self._loader("train", indices, self.batch_size, True, seed=self.seed * 7919 + stage, passes=self.passes_per_task)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return self.task_eval_loaders(self.tasks_seen(self.current_stage))
+        count = self.num_tasks if self.eval_tasks == "all" else self.tasks_seen(self.current_stage)
+        return self.task_eval_loaders(count)
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.task_eval_loaders(self.num_tasks)
@@ -306,22 +317,22 @@ class TaskSequenceDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         stored, current = state_dict.get("fingerprint"), self.fingerprint()
         if stored != current:
-            diff = {k: (stored.get(k), current[k]) for k in current if stored is None or stored.get(k) != current[k]}
+            diff = {k: ((stored or {}).get(k), current[k]) for k in current if (stored or {}).get(k) != current[k]}
             raise ValueError(
                 "checkpoint belongs to a different task sequence; (checkpoint, this run) differ in: "
                 + "; ".join(f"{k}: {a!r} != {b!r}" for k, (a, b) in diff.items())
             )
 
 
-def collate(items: list[dict]) -> dict[str, Tensor]:
-    """Stack images, or right-pad token ids and attention masks to the longest sequence in the batch."""
+def collate(items: list[dict], pad_id: int = 0) -> dict[str, Tensor]:
+    """Stack images, or right-pad token ids (with ``pad_id``) and attention masks to the longest sequence."""
     batch: dict[str, Tensor] = {"labels": torch.stack([item["labels"] for item in items])}
     if "pixel_values" in items[0]:
         batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
         return batch
     longest = max(len(item["input_ids"]) for item in items)
     for key in ("input_ids", "attention_mask"):
-        rows = torch.zeros(len(items), longest, dtype=torch.long)
+        rows = torch.full((len(items), longest), pad_id if key == "input_ids" else 0, dtype=torch.long)
         for r, item in enumerate(items):
             rows[r, : len(item[key])] = torch.as_tensor(item[key])
         batch[key] = rows

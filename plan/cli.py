@@ -32,13 +32,14 @@ class PlanCLI(LightningCLI):
                 "checkpoint.save_top_k": -1,
                 "checkpoint.every_n_epochs": 1,
                 "checkpoint.save_last": True,
+                "checkpoint.enable_version_counter": False,  # a resumed run overwrites last.ckpt
             }
         )
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``plan`` command; ``args`` replaces ``sys.argv[1:]`` (for tests and scripts)."""
-    PlanCLI(
+def run_cli(args: list[str] | None = None) -> PlanCLI:
+    """Parse ``args`` (default ``sys.argv[1:]``), run the subcommand, and return the CLI with its trainer."""
+    return PlanCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
@@ -47,6 +48,11 @@ def main(args: list[str] | None = None) -> None:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main() -> None:
+    """The ``plan`` console command."""
+    run_cli()
 
 
 if __name__ == "__main__":

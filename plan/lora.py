@@ -78,7 +78,7 @@ class LoRALinear(nn.Module):
     def reset_slot(self, generator: torch.Generator | None = None) -> None:
         """PEFT's default init: Kaiming-uniform ``A`` (a = sqrt(5)), zero ``B``, so the slot starts as a no-op."""
         bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on a (rank, in) matrix
-        self.lora_A.copy_(torch.rand(self.lora_A.shape, generator=generator) * 2 * bound - bound)
+        uniform_from_cpu_(self.lora_A, bound, generator)
         self.lora_B.zero_()
 
     def slot_delta(self) -> Tensor:
@@ -91,7 +91,10 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def freeze_slot(self) -> None:
-        """Append the slot to the frozen stack (scale folded into ``B``); the layer's output does not change."""
+        """Append the slot to the frozen stack (scale folded into ``B``).
+
+        The slot itself is left as is, so until :meth:`reset_slot` (or new values) replaces it the adapter
+        counts twice; ``freeze_slot()`` followed by ``reset_slot()`` leaves the layer's output unchanged."""
         self._unmerged_only("freeze_slot")
         self.past_A = torch.cat([self.past_A, self.lora_A.detach().clone()], dim=0)
         self.past_B = torch.cat([self.past_B, self.scale * self.lora_B.detach()], dim=1)
@@ -136,6 +139,12 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, scale={self.scale:g}, past_rank={self.past_rank}, merged={self.merged}"
 
 
+@torch.no_grad()
+def uniform_from_cpu_(tensor: Tensor, bound: float, generator: torch.Generator | None = None) -> Tensor:
+    """Fill ``tensor`` with U(-bound, bound) drawn on the CPU, so one CPU generator serves every device."""
+    return tensor.copy_(torch.empty(tensor.shape).uniform_(-bound, bound, generator=generator))
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     """PEFT's ``target_modules`` rule: a name matches a pattern equal to it or to its last dotted parts,
     and a pattern containing regex characters must match the whole name."""
@@ -163,13 +172,14 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> dict[str, LoRALinear]:
             f"target_modules {config.target_modules} match no nn.Linear in {type(model).__name__}; "
             f"its linear layers end in: {suffixes}"
         )
+    # Build every layer before swapping any in, so a rank that does not fit leaves no half-injected model.
+    layers = {name: LoRALinear(linears[name], config.rank, config.alpha, config.dropout, name=name) for name in targets}
     model.requires_grad_(False)
-    layers = {}
-    for name in targets:
+    for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layers[name] = LoRALinear(linears[name], config.rank, config.alpha, config.dropout, name=name)
-        setattr(parent, child, layers[name])
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
     return layers
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from plan.lora import LoRAConfig, LoRALinear, inject_lora
+from plan.lora import LoRAConfig, LoRALinear, inject_lora, uniform_from_cpu_
 from plan.models import EMBEDDED_MINILM, hidden_size, load_backbone
 
 LORA_KEYS = ("lora_A", "lora_B", "past_A", "past_B")
@@ -90,7 +90,13 @@ class ContinualClassifier(pl.LightningModule):
     def configure_layout(self, layout) -> None:
         """Create the head and the per-task accuracy metrics for a task layout."""
         self.layout = layout
-        self.head = nn.Linear(hidden_size(self.backbone), layout.num_classes)
+        self.head = nn.Linear(hidden_size(self.backbone), layout.num_classes, device=self.device)
+        # nn.Linear's own init, drawn from the run's seed rather than the global RNG stream, whose position
+        # at setup time depends on the strategy (DDP launches consume random numbers a single process does not).
+        generator = torch.Generator().manual_seed(torch.initial_seed())
+        bound = 1.0 / hidden_size(self.backbone) ** 0.5
+        for tensor in (self.head.weight, self.head.bias):
+            uniform_from_cpu_(tensor, bound, generator)
         self.task_metrics = nn.ModuleList(
             MulticlassAccuracy(layout.num_classes, average="micro") for _ in range(layout.num_tasks)
         )
@@ -151,19 +157,36 @@ class ContinualClassifier(pl.LightningModule):
         self.task_metrics[task].update(logits.argmax(-1), batch["labels"])
 
     def on_validation_epoch_end(self) -> None:
-        self._collect_accuracy("val", self._tasks_seen())
+        self._collect_accuracy("val", len(self.trainer.val_dataloaders))
 
     def on_test_epoch_end(self) -> None:
         self._collect_accuracy("test", self.layout.num_tasks)
 
     def _collect_accuracy(self, split: str, count: int) -> None:
-        """Per-task accuracy, summed over ranks by torchmetrics, then reset for the next evaluation."""
-        self.task_accuracy = {}
-        for task in range(count):
-            self.task_accuracy[task] = self.task_metrics[task].compute().item()
-            self.task_metrics[task].reset()
-            self.log(f"{split}/acc_task_{task}", self.task_accuracy[task], add_dataloader_idx=False)
+        self.task_accuracy = self._compute_accuracy(count)
+        for task, accuracy in self.task_accuracy.items():
+            self.log(f"{split}/acc_task_{task}", accuracy, add_dataloader_idx=False)
         self.log(f"{split}/acc", sum(self.task_accuracy.values()) / count, prog_bar=True, add_dataloader_idx=False)
+
+    def _compute_accuracy(self, count: int) -> dict[int, float]:
+        """Per-task accuracy, summed over ranks by torchmetrics, then reset for the next evaluation."""
+        accuracy = {}
+        for task in range(count):
+            accuracy[task] = self.task_metrics[task].compute().item()
+            self.task_metrics[task].reset()
+        return accuracy
+
+    @torch.no_grad()
+    def untrained_accuracy(self) -> dict[int, float]:
+        """Accuracy on every task before any training, ranking every class: the baseline of forward transfer."""
+        was_training = self.training
+        self.eval()
+        loaders = self.trainer.datamodule.task_eval_loaders(self.layout.num_tasks)
+        for task, loader in enumerate(loaders):
+            for batch in loader:
+                self._evaluate(self.transfer_batch_to_device(batch, self.device, 0), task, self.layout.num_tasks)
+        self.train(was_training)
+        return self._compute_accuracy(len(loaders))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Every slot parameter is registered, frozen or not, so a callback may freeze or thaw A or B later.

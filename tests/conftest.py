@@ -1,0 +1,96 @@
+"""Shared fixtures: a tiny random-weight continual run on synthetic data, as a YAML config for ``plan fit``."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+TINY_BERT = {
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "vocab_size": 30522,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
+
+TINY_VIT = {
+    "model_type": "vit",
+    "image_size": 16,
+    "patch_size": 4,
+    "num_channels": 3,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
+
+TINY_RUN = {
+    "seed_everything": 0,
+    "trainer": {
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "log_every_n_steps": 1,
+        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": None, "name": "tiny", "version": "v"}},
+        "callbacks": [
+            {"class_path": "plan.callbacks.TaskSequencer", "init_args": {"adapters": "stacked"}},
+            {"class_path": "plan.callbacks.ForgettingLogger"},
+        ],
+    },
+    "model": {
+        "class_path": "plan.module.ContinualClassifier",
+        "init_args": {"backbone_config": TINY_BERT, "lora": {"rank": 4, "alpha": 8, "target_modules": ["query", "value"]}, "lr": 0.01},
+    },
+    "data": {
+        "class_path": "plan.datamodules.TaskSequenceDataModule",
+        "init_args": {
+            "source": {"class_path": "plan.datamodules.SyntheticSource", "init_args": {"num_classes": 6}},
+            "classes_per_task": 2,
+            "batch_size": 8,
+            "passes_per_task": 2,
+        },
+    },
+}
+
+
+class TinyRun:
+    """Writes the tiny config (with nested overrides) under a folder and finds what a run left there."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def config(self, name: str = "run", **overrides) -> Path:
+        config = copy.deepcopy(TINY_RUN)
+        config["trainer"]["logger"]["init_args"]["save_dir"] = str(self.root / name)
+        for dotted, value in overrides.items():
+            node, *path, leaf = [config, *dotted.split("__")]
+            for key in path:
+                node = node[key]
+            node[leaf] = value
+        path = self.root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def checkpoints(self, name: str = "run") -> Path:
+        return self.root / name / "tiny" / "v" / "checkpoints"
+
+    def last(self, name: str = "run") -> dict:
+        return torch.load(self.checkpoints(name) / "last.ckpt", weights_only=False)
+
+    def matrix(self, name: str = "run") -> torch.Tensor:
+        return self.last(name)["callbacks"]["ForgettingLogger"]["matrix"]
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> TinyRun:
+    return TinyRun(tmp_path)
