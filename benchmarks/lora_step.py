@@ -4,17 +4,23 @@ A step is forward + backward + ``AdamW.step()`` (fp32) on a batch of random toke
 mask; the loss is the mean of the squared mean-pooled ``last_hidden_state``, identical for both variants.
 Both variants adapt ``query`` and ``value`` with the same rank, alpha and dropout, and run in train mode.
 
-Time: one process builds both models and times them interleaved (trial order ABBA-alternating, warm-up steps
-first), then reports the median step time of each and the ratio plan/PEFT.
+Time: one process builds both models, runs warm-up steps, then times them interleaved over ``--trials`` trials
+of ``--steps`` steps each (order AB, BA, AB, ...), and reports the median step time of each, the ratio of the
+medians plan/PEFT, the median of the per-trial paired ratios and the ratio of the minima.
 
 Peak memory: each variant runs in its own fresh subprocess (this script re-invoked with ``--variant``).
 On CUDA the figure is ``torch.cuda.max_memory_allocated()`` minus the memory allocated once the model,
 batch and optimizer exist. On CPU there is no allocator peak counter, so two figures are taken:
 
-* ``alloc``: the peak of live tensor bytes during one steady-state step (after warm-up, so AdamW's state
-  already exists), from ``torch.profiler`` memory events -- the closest thing to ``max_memory_allocated``;
-* ``rss``: ``ru_maxrss`` after all the steps minus the RSS after the model was loaded (includes allocator
-  caching, AdamW state and everything else the process touched; coarser).
+* ``alloc`` (the headline figure): the peak of live CPU tensor bytes above the post-load level over all the
+  steps (warm-up included, so grads and AdamW's state count), summed from ``torch.profiler`` allocator events
+  -- the CPU analogue of ``max_memory_allocated() - baseline``;
+* ``rss``: ``ru_maxrss`` after all the steps minus the RSS after the model was loaded, in a separate process
+  without the profiler (includes malloc caching and everything else the process touched; coarser).
+
+Both processes import plan and peft before loading the model, so neither baseline lacks modules the other has.
+The script refuses to time the two variants if they train different numbers of parameters, and records a
+hash of plan/lora.py (warning if it changed on disk between the timing and the memory runs).
 
 Usage::
 
@@ -33,7 +39,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from plan.metrics import ContinualSummary
@@ -47,9 +48,9 @@ class ForgettingLogger(Callback):
             self.baseline = torch.tensor([accuracy[t] for t in range(len(accuracy))], dtype=torch.float64)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        row = trainer.datamodule.tasks_seen(trainer.current_epoch) - 1
+        row = trainer.datamodule.seen_now() - 1
         for task, accuracy in pl_module.task_accuracy.items():
             self.matrix[row, task] = accuracy
         summary = self.summary(row + 1)

@@ -15,12 +15,13 @@ from functools import partial
 from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerFn
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from plan.datamodules.sources import DataSource, Examples
-from plan.models import EMBEDDED_MINILM
+from plan.models import EMBEDDED_MINILM, load_tokenizer
 
 SCENARIOS = ("class_incremental", "task_incremental", "domain_incremental")
 
@@ -207,7 +208,7 @@ class TaskSequenceDataModule(pl.LightningDataModule):
 
     def tasks_seen(self, stage: int) -> int:
         """How many tasks have been trained once stage ``stage`` is done."""
-        return self.num_tasks if self.joint else min(stage + 1, self.num_tasks)
+        return self.num_tasks if self.joint else stage + 1
 
     def fingerprint(self) -> dict:
         layout = self._require_layout()
@@ -240,9 +241,12 @@ class TaskSequenceDataModule(pl.LightningDataModule):
             self.layout = domain_incremental_layout(classes, train.domains, self.domains)
         else:
             self.layout = class_incremental_layout(classes, self.scenario, self.classes_per_task, self.tasks, self.class_order_seed)
-        self._splits = {"train": self._encode(train), "test": self._encode(test)}
+        tokenizer = None if isinstance(train.inputs, Tensor) else load_tokenizer(self.tokenizer_name)
+        if tokenizer is not None and tokenizer.pad_token_id is not None:
+            self.pad_id = tokenizer.pad_token_id
+        self._splits = {"train": self._encode(train, tokenizer), "test": self._encode(test, tokenizer)}
 
-    def _encode(self, examples: Examples) -> tuple[EncodedExamples, list[list[int]]]:
+    def _encode(self, examples: Examples, tokenizer) -> tuple[EncodedExamples, list[list[int]]]:
         """Encode the examples of the layout's classes and list each task's example indices."""
         layout = self.layout
         class_id = {name: i for i, name in enumerate(layout.class_names)}
@@ -264,10 +268,6 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         if isinstance(examples.inputs, Tensor):
             features = {"pixel_values": examples.inputs}
         else:
-            from plan.models import load_tokenizer
-
-            tokenizer = load_tokenizer(self.tokenizer_name)
-            self.pad_id = tokenizer.pad_token_id or 0
             encoded = tokenizer(examples.inputs, truncation=True, max_length=self.max_length)
             features = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         task_indices = [[] for _ in range(layout.num_tasks)]
@@ -289,6 +289,13 @@ class TaskSequenceDataModule(pl.LightningDataModule):
     def current_stage(self) -> int:
         return self.trainer.current_epoch if self.trainer else 0
 
+    def seen_now(self) -> int:
+        """Tasks trained so far: up to the current epoch while fitting; every task when validating or
+        testing outside ``fit``, which evaluates the finished sequence."""
+        if self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return self.num_tasks
+        return self.tasks_seen(self.current_stage)
+
     def train_dataloader(self) -> DataLoader:
         _, task_indices = self._splits["train"]
         stage = self.current_stage
@@ -298,7 +305,7 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         return self._loader("train", indices, self.batch_size, True, seed=self.seed * 7919 + stage, passes=self.passes_per_task)
 
     def val_dataloader(self) -> list[DataLoader]:
-        count = self.num_tasks if self.eval_tasks == "all" else self.tasks_seen(self.current_stage)
+        count = self.num_tasks if self.eval_tasks == "all" else self.seen_now()
         return self.task_eval_loaders(count)
 
     def test_dataloader(self) -> list[DataLoader]:

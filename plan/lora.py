@@ -60,6 +60,7 @@ class LoRALinear(nn.Module):
         self.register_buffer("past_A", torch.empty(0, base.in_features, **factory))
         self.register_buffer("past_B", torch.empty(base.out_features, 0, **factory))
         self.merged = False
+        self.slot_enabled = True  # False drops the slot's term for this forward (CoTo's layer deactivation)
         self.reset_slot()
 
     @property
@@ -122,7 +123,8 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)
         if self.merged:
             return y
-        y = y + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
+        if self.slot_enabled:
+            y = y + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
         if self.past_rank:
             y = y + x @ self.past_A.T @ self.past_B.T
         return y

@@ -54,7 +54,7 @@ class ContinualClassifier(pl.LightningModule):
             raise ValueError(f"train_classes must be 'current' or 'seen', got {train_classes!r}")
         self.save_hyperparameters()
         self.lora_config = lora or LoRAConfig()
-        self.backbone = load_backbone(backbone, backbone_config)
+        self.backbone = load_backbone(backbone, backbone_config).train()  # from_pretrained returns eval mode
         self._lora_layers = inject_lora(self.backbone, self.lora_config)
         self.pooling = pooling
         self.train_classes = train_classes
@@ -102,8 +102,7 @@ class ContinualClassifier(pl.LightningModule):
         )
 
     def _tasks_seen(self) -> int:
-        datamodule = self.trainer.datamodule
-        return datamodule.tasks_seen(self.trainer.current_epoch)
+        return self.trainer.datamodule.seen_now()
 
     def _class_mask(self, classes: list[int]) -> Tensor:
         mask = torch.zeros(self.layout.num_classes, dtype=torch.bool, device=self.device)

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from plan.datamodules import HuggingFaceSource, SyntheticSource, TaskSequenceDataModule, TwentyNewsgroups
 from plan.datamodules.continual import ShardedBatchSampler, class_incremental_layout, collate
@@ -22,7 +23,7 @@ CLASSES_20 = [f"c{i:02d}" for i in range(20)]
 @contextlib.contextmanager
 def as_rank(dm: TaskSequenceDataModule, rank: int, world_size: int, epoch: int = 0):
     """Pretend the datamodule runs under a trainer at ``rank`` of ``world_size``, during ``epoch``."""
-    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world_size, current_epoch=epoch)
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world_size, current_epoch=epoch, state=SimpleNamespace(fn=TrainerFn.FITTING))
     try:
         yield dm
     finally:
