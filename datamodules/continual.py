@@ -311,6 +311,11 @@ class TaskSequenceDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         return self.task_eval_loaders(self.num_tasks)
 
+    def task_train_loader(self, task: int) -> DataLoader:
+        """One unshuffled pass over ``task``'s training data (this rank's shard): for input statistics."""
+        _, task_indices = self._splits["train"]
+        return self._loader("train", task_indices[task], self.eval_batch_size, False)
+
     def task_eval_loaders(self, count: int) -> list[DataLoader]:
         """One evaluation loader per task ``0..count-1``, on the source's test split."""
         _, task_indices = self._splits["test"]

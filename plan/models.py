@@ -38,14 +38,19 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_backbone(name_or_path: str = EMBEDDED_MINILM, config: dict[str, Any] | None = None) -> nn.Module:
+def load_backbone(name_or_path: str | nn.Module = EMBEDDED_MINILM, config: dict[str, Any] | None = None) -> nn.Module:
     """The encoder without a task head: pretrained weights from ``name_or_path``, or random ones from ``config``.
+
+    An ``nn.Module`` is used as it is: any encoder whose output has ``last_hidden_state`` and whose
+    ``config.hidden_size`` gives its width.
 
     ``config`` holds ``model_type`` plus that model's config fields, e.g.
     ``{"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, ...}``.
     """
     from transformers import AutoConfig, AutoModel
 
+    if isinstance(name_or_path, nn.Module):
+        return name_or_path
     if config is not None:
         fields = dict(config)
         model_type = fields.pop("model_type", None)

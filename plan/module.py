@@ -28,7 +28,7 @@ class ContinualClassifier(pl.LightningModule):
     classes seen so far, task-incremental evaluation only the evaluated task's, domain-incremental all of them.
 
     Args:
-        backbone: Hugging Face model name or path, or ``embedded:all-MiniLM-L6-v2``.
+        backbone: Hugging Face model name or path, ``embedded:all-MiniLM-L6-v2``, or an encoder module.
         backbone_config: build a randomly initialised backbone from this config instead (tests, ablations).
         lora: rank, alpha, dropout and target modules of the adapters.
         pooling: ``mean`` over non-padding tokens, ``cls`` (first token), or ``auto`` (mean for text, cls else).
@@ -38,7 +38,7 @@ class ContinualClassifier(pl.LightningModule):
 
     def __init__(
         self,
-        backbone: str = EMBEDDED_MINILM,
+        backbone: str | nn.Module = EMBEDDED_MINILM,
         backbone_config: dict | None = None,
         lora: LoRAConfig | None = None,
         pooling: str = "auto",

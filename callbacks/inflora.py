@@ -1,0 +1,46 @@
+"""InfLoRA (Liang & Li, CVPR 2024): a down-projection designed to be interference-free, then frozen."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+
+from plan.callbacks.subspace_memory import SubspaceMemory
+from plan.subspace import project_out
+
+
+class InfLoRA(SubspaceMemory):
+    """Before each task, design every layer's down-projection ``A`` from the new task's inputs with the old
+    tasks' input subspace projected out, freeze it, and train only ``B`` (and the head).
+
+    ``A`` = the top-``r`` left singular vectors of ``(I - M M^T) C_t`` (``C_t`` the new task's input second
+    moment, ``M`` the memory), scaled by ``a_scale`` (the official code's 1/sqrt(3)). Its rows are orthogonal
+    to span(M), so ``dW x_old = B A x_old = 0`` for inputs in the memory. After the task, the memory grows
+    (GPM energy threshold from ``threshold_start`` to ``threshold_end`` over the tasks, as the code's
+    ``lamb``/``lame``). The official code keeps a DualGPM memory that switches to storing the complement once
+    it passes half the dimension; here the memory always stores the old subspace itself.
+
+    Use with ``TaskSequencer(adapters='stacked')``.
+    """
+
+    def __init__(
+        self,
+        threshold_start: float = 0.95,
+        threshold_end: float = 1.0,
+        a_scale: float = 1 / math.sqrt(3),
+        max_batches: int | None = None,
+    ) -> None:
+        super().__init__(threshold_start, threshold_end, max_batches)
+        self.a_scale = a_scale
+
+    @torch.no_grad()
+    def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        covariances = self.input_covariances(trainer, pl_module, task)
+        for name, layer in pl_module.lora_layers.items():
+            residual = project_out(covariances[name], self.memory(name, layer.in_features))
+            u, _, _ = torch.linalg.svd(residual)
+            layer.lora_A.copy_((self.a_scale * u[:, : layer.rank].T).to(layer.lora_A))
+            layer.lora_B.zero_()
+            layer.lora_A.requires_grad_(False)

@@ -1,0 +1,44 @@
+"""O-LoRA (Wang et al., EMNLP Findings 2023): a new adapter per task, kept orthogonal to the old ones."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+from plan.callbacks.sequencer import TaskCallback, TaskSequencer
+from plan.subspace import orthogonality_penalty
+
+
+class OLoRA(TaskCallback):
+    """Adds ``lambda_orth * sum_layers penalty(A_old A_new^T) + lambda_l2 * sum (||A_new|| + ||B_new||)``.
+
+    ``A_old`` is the layer's frozen stack of past down-projections, ``A_new`` the trainable slot's. The penalty
+    is the sum of absolute entries (``form='abs'``, the official code) or of squared entries
+    (``form='squared'``, the paper). Past adapters stay frozen and all of them are active at inference, which
+    is what ``TaskSequencer(adapters='stacked')`` does; a shared adapter is refused.
+    """
+
+    def __init__(self, lambda_orth: float = 0.5, lambda_l2: float = 0.0, form: str = "abs") -> None:
+        if form not in ("abs", "squared"):
+            raise ValueError(f"O-LoRA form must be 'abs' or 'squared', got {form!r}")
+        self.lambda_orth = lambda_orth
+        self.lambda_l2 = lambda_l2
+        self.form = form
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        sequencers = [cb for cb in trainer.callbacks if isinstance(cb, TaskSequencer)]
+        if stage == "fit" and (not sequencers or sequencers[0].adapters != "stacked"):
+            raise ValueError("O-LoRA needs TaskSequencer(adapters='stacked'): one frozen adapter per past task")
+
+    def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        layers = list(pl_module.lora_layers.values())
+
+        def orthogonality() -> Tensor:
+            return self.lambda_orth * sum(orthogonality_penalty(layer.past_A, layer.lora_A, self.form) for layer in layers)
+
+        def l2() -> Tensor:
+            return self.lambda_l2 * sum(layer.lora_A.norm() + layer.lora_B.norm() for layer in layers)
+
+        pl_module.register_loss_term("olora_orth", orthogonality)
+        if self.lambda_l2:
+            pl_module.register_loss_term("olora_l2", l2)

@@ -1,0 +1,181 @@
+"""PLAN (Wang, Zhuang, Zhang, ICCV 2025): proactive low-rank allocation, as reconstructed from its abstract.
+
+**This is a reconstruction, not the paper's method.** The paper's method section, equations and numbers were
+not available (see ``shared/specs/cl_methods.md`` section 1.3); only its abstract was. The abstract's three
+claims map onto three swappable components, each a constructor argument, so the published equations can
+replace them one by one:
+
+1. *Orthogonal basis vectors for each task* (``pool``): before the first task every layer gets a pool of
+   orthonormal input directions (``random``: QR of a Gaussian; ``weight_minor``: the right singular vectors
+   of the frozen weight with the smallest singular values; ``input_eigen``: the eigenvectors of the first
+   task's input second moment). Each task's down-projection ``A_t`` is ``r`` orthonormal directions drawn
+   from the pool's free part, kept orthogonal to the directions earlier tasks own and to the memory of old
+   tasks' inputs, so tasks own mutually orthogonal subspaces.
+2. *Selection of the basis vectors least sensitive to interference* (``selection``): ``score`` ranks the
+   free directions by ``q^T C_old q / (q^T C_t q + eps)`` (old tasks' input energy along ``q`` over the new
+   task's; ties by the new task's energy) and takes the ``r`` lowest; ``random`` takes any ``r``.
+3. *Perturbation-based optimisation that minimises conflicts* (``perturbation``): ``future`` adds, at every
+   training step, a random low-rank update along still-free pool directions (norm ``perturbation_scale``),
+   so the new task's ``B_t`` is trained to tolerate the adapters later tasks will add; ``past`` instead
+   perturbs the frozen past adapters' ``B`` (relative norm ``perturbation_scale``), so it tolerates drift of
+   what was learned; ``none`` trains plainly. The SAM-style worst-case reading is not implemented.
+
+``train_basis=True`` also trains ``A_t``, projected after every step out of the protected subspace (the
+memory plus the other tasks' directions; the shared gradient-projection piece of :class:`SubspaceMemory`).
+Use with ``TaskSequencer(adapters='stacked')``.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from plan.callbacks.subspace_memory import SubspaceMemory
+from plan.subspace import (
+    interference_scores,
+    minor_weight_directions,
+    orthonormalize,
+    project_out,
+    random_orthonormal,
+    select_lowest,
+    top_directions,
+)
+
+POOLS = ("random", "weight_minor", "input_eigen")
+SELECTIONS = ("score", "random")
+PERTURBATIONS = ("none", "future", "past")
+
+
+class PLAN(SubspaceMemory):
+    """Per-task orthogonal bases from a pool planned before the first task; see the module docstring."""
+
+    def __init__(
+        self,
+        pool: str = "random",
+        pool_size: int | None = None,
+        selection: str = "score",
+        perturbation: str = "future",
+        perturbation_scale: float = 0.1,
+        train_basis: bool = False,
+        threshold_start: float = 0.95,
+        threshold_end: float = 1.0,
+        max_batches: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(threshold_start, threshold_end, max_batches)
+        for name, value, valid in (("pool", pool, POOLS), ("selection", selection, SELECTIONS), ("perturbation", perturbation, PERTURBATIONS)):
+            if value not in valid:
+                raise ValueError(f"PLAN {name} must be one of {valid}, got {value!r}")
+        self.pool_kind, self.pool_size, self.selection = pool, pool_size, selection
+        self.perturbation, self.perturbation_scale = perturbation, perturbation_scale
+        self.train_basis, self.seed = train_basis, seed
+        self.pools: dict[str, Tensor] = {}
+        self.allocated: dict[str, list[Tensor]] = {}
+        self._hooks: list = []
+        self._noise: dict[str, Tensor] = {}
+        self._free: dict[str, Tensor] = {}
+
+    # -- components ---------------------------------------------------------------------------------------
+
+    def build_pool(self, layer, covariance: Tensor, generator: torch.Generator) -> Tensor:
+        """Component 1: an orthonormal pool of input directions (``d_in x P``), planned before task 0."""
+        size = self.pool_size or layer.in_features
+        if not layer.rank <= size <= layer.in_features:
+            raise ValueError(f"PLAN pool_size={size} must lie in rank..in_features = {layer.rank}..{layer.in_features}")
+        if self.pool_kind == "random":
+            return random_orthonormal(layer.in_features, size, generator)
+        if self.pool_kind == "weight_minor":
+            return minor_weight_directions(layer.base_layer.weight, size)
+        return top_directions(covariance, size)
+
+    def select(self, candidates: Tensor, old: Tensor, new: Tensor, rank: int, generator: torch.Generator) -> Tensor:
+        """Component 2: indices of the ``rank`` candidate directions to allocate."""
+        if self.selection == "random":
+            return torch.randperm(candidates.shape[1], generator=generator)[:rank]
+        new_energy = ((new @ candidates) * candidates).sum(0)
+        return select_lowest(interference_scores(candidates, old, new), rank, tie_break=new_energy)
+
+    # -- allocation ---------------------------------------------------------------------------------------
+
+    def owned(self, name: str, dim: int, exclude_last: bool = False) -> Tensor:
+        """Orthonormal basis of the memory plus the directions tasks own (optionally not the current one)."""
+        blocks = self.allocated.get(name, [])
+        blocks = blocks[:-1] if exclude_last else blocks
+        return orthonormalize(torch.cat([self.memory(name, dim), *blocks], dim=1))
+
+    def free_directions(self, name: str, dim: int) -> Tensor:
+        """The pool's part outside everything owned: the candidates a task may still take."""
+        return orthonormalize(project_out(self.pools[name], self.owned(name, dim)))
+
+    @torch.no_grad()
+    def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        generator = torch.Generator().manual_seed(self.seed * 7919 + task)
+        covariances = self.input_covariances(trainer, pl_module, task)
+        for name, layer in pl_module.lora_layers.items():
+            dim, new = layer.in_features, covariances[name]
+            if name not in self.pools:
+                self.pools[name] = self.build_pool(layer, new, generator)
+            candidates = self.free_directions(name, dim)
+            if candidates.shape[1] < layer.rank:
+                raise ValueError(
+                    f"PLAN: layer '{name}' has {candidates.shape[1]} free directions left for task {task}, needs "
+                    f"rank {layer.rank}; use a larger pool_size, a smaller rank, or a lower memory threshold"
+                )
+            old = self.old_covariance.get(name, torch.zeros_like(new))
+            basis = candidates[:, self.select(candidates, old, new, layer.rank, generator)]
+            self.allocated.setdefault(name, []).append(basis)
+            layer.lora_A.copy_(basis.T.to(layer.lora_A))
+            layer.lora_B.zero_()
+            layer.lora_A.requires_grad_(self.train_basis)
+        self._start_perturbation(pl_module, generator)
+
+    def protected_basis(self, name: str, dim: int) -> Tensor | None:
+        return self.owned(name, dim, exclude_last=True) if self.train_basis else None
+
+    # -- component 3: perturbation ------------------------------------------------------------------------
+
+    def _start_perturbation(self, pl_module: pl.LightningModule, generator: torch.Generator) -> None:
+        self._stop_perturbation()
+        if self.perturbation == "none":
+            return
+        self._generator = generator
+        for name, layer in pl_module.lora_layers.items():
+            if self.perturbation == "future":
+                self._free[name] = self.free_directions(name, layer.in_features)[:, : layer.rank].to(layer.lora_A)
+            self._hooks.append(layer.register_forward_hook(lambda module, args, out, n=name: self._perturb(n, module, args[0], out)))
+
+    def _stop_perturbation(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._noise, self._free = [], {}, {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        """Draw this step's perturbation: ``U F^T`` with ``||U||_F = scale`` (future) or ``dB`` with
+        ``||dB|| = scale * ||B_past||`` (past)."""
+        if self.perturbation == "none":
+            return
+        for name, layer in pl_module.lora_layers.items():
+            width = self._free[name].shape[1] if self.perturbation == "future" else layer.past_rank
+            noise = torch.randn(layer.out_features, width, generator=self._generator, dtype=torch.float64)
+            reference = 1.0 if self.perturbation == "future" else layer.past_B.norm().item()
+            self._noise[name] = (self.perturbation_scale * reference * noise / noise.norm().clamp_min(1e-12)).to(layer.lora_B)
+
+    def _perturb(self, name: str, module, x: Tensor, out: Tensor) -> Tensor | None:
+        noise = self._noise.get(name)
+        if not module.training or noise is None or noise.shape[1] == 0:
+            return None
+        down = self._free[name] if self.perturbation == "future" else module.past_A.T
+        return out + (x @ down) @ noise.T
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_perturbation()
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "pools": self.pools, "allocated": self.allocated}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.pools, self.allocated = state_dict["pools"], state_dict["allocated"]

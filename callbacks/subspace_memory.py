@@ -1,0 +1,116 @@
+"""The input-subspace memory that InfLoRA, PLAN and GPM-style gradient projection share.
+
+:class:`SubspaceMemory` keeps, for every LoRA layer, an orthonormal basis ``M`` of the inputs that finished
+tasks fed it (GPM's memory, grown with an energy threshold) and the sum of their second moments. Subclasses
+decide what to do with it at a task start; all of them may keep the trainable down-projection's rows out of
+a protected basis after every optimizer step, which is :class:`GradientProjection` on its own.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from plan.callbacks.sequencer import TaskCallback
+from plan.subspace import InputCovariance, expand_memory, project_rows_out, threshold_schedule
+
+
+class SubspaceMemory(TaskCallback):
+    """Base class: per-layer memory of old tasks' input subspaces, updated at every task end.
+
+    Args:
+        threshold_start, threshold_end: GPM energy threshold, linear over the tasks (InfLoRA's schedule);
+            1.0 keeps every direction old inputs use, which makes non-interference exact.
+        max_batches: cap on the batches of a statistics pass (None: the task's whole training set).
+    """
+
+    def __init__(self, threshold_start: float = 0.95, threshold_end: float = 1.0, max_batches: int | None = None) -> None:
+        for name, value in (("threshold_start", threshold_start), ("threshold_end", threshold_end)):
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        self.threshold_start = threshold_start
+        self.threshold_end = threshold_end
+        self.max_batches = max_batches
+        self.bases: dict[str, Tensor] = {}
+        self.old_covariance: dict[str, Tensor] = {}
+
+    # -- statistics ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def input_covariances(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> dict[str, Tensor]:
+        """``E[x x^T]`` of every LoRA layer's input over one pass of ``task``'s training data, summed over ranks."""
+        layers = pl_module.lora_layers
+        stats = {name: InputCovariance(layer.in_features) for name, layer in layers.items()}
+        hooks = [layer.register_forward_pre_hook(lambda _, args, s=stats[name]: s.update(args[0])) for name, layer in layers.items()]
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            for index, batch in enumerate(trainer.datamodule.task_train_loader(task)):
+                if self.max_batches is not None and index >= self.max_batches:
+                    break
+                pl_module(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
+        finally:
+            for hook in hooks:
+                hook.remove()
+            pl_module.train(was_training)
+        result = {}
+        for name, stat in stats.items():
+            total = trainer.strategy.reduce(stat.sum.to(pl_module.device), reduce_op="sum").cpu()
+            count = trainer.strategy.reduce(torch.tensor(float(stat.count), device=pl_module.device), reduce_op="sum").item()
+            result[name] = total / max(count, 1.0)
+        return result
+
+    def memory(self, name: str, dim: int) -> Tensor:
+        """The stored basis of layer ``name`` (``dim x k``, possibly ``k = 0``)."""
+        return self.bases.get(name, torch.zeros(dim, 0, dtype=torch.float64))
+
+    # -- task events --------------------------------------------------------------------------------------
+
+    def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        """Add the finished task's input subspace (measured with its adapter trained) to the memory."""
+        covariances = self.input_covariances(trainer, pl_module, task)
+        threshold = threshold_schedule(task, trainer.datamodule.num_tasks, self.threshold_start, self.threshold_end)
+        for name, covariance in covariances.items():
+            self.bases[name] = expand_memory(self.memory(name, len(covariance)), covariance, threshold)
+            self.old_covariance[name] = self.old_covariance.get(name, 0) + covariance
+
+    # -- keeping the trainable down-projection out of a protected subspace --------------------------------
+
+    def protected_basis(self, name: str, dim: int) -> Tensor | None:
+        """The basis the trainable ``A`` of layer ``name`` must stay orthogonal to (None: no constraint)."""
+        return None
+
+    @torch.no_grad()
+    def keep_out_of_protected(self, pl_module: pl.LightningModule) -> None:
+        for name, layer in pl_module.lora_layers.items():
+            basis = self.protected_basis(name, layer.in_features)
+            if basis is not None and basis.shape[1] and layer.lora_A.requires_grad:
+                layer.lora_A.copy_(project_rows_out(layer.lora_A.double(), basis.to(layer.lora_A.device)).to(layer.lora_A.dtype))
+
+    def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        self.keep_out_of_protected(pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        # After the optimizer step: project the step's change of A (A was already outside the protected span).
+        self.keep_out_of_protected(pl_module)
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"bases": self.bases, "old_covariance": self.old_covariance}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.bases, self.old_covariance = state_dict["bases"], state_dict["old_covariance"]
+
+
+class GradientProjection(SubspaceMemory):
+    """GPM for LoRA: the trainable down-projection ``A`` is kept orthogonal to old tasks' input subspaces, so
+    the update ``B A`` leaves old inputs (up to the threshold's residual energy) unchanged; ``B`` is free.
+
+    Use with ``TaskSequencer(adapters='stacked')`` or ``'shared'``; with a shared adapter, the old tasks' part
+    of ``A`` must not move either, so prefer stacked.
+    """
+
+    def protected_basis(self, name: str, dim: int) -> Tensor | None:
+        return self.memory(name, dim)

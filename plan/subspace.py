@@ -1,0 +1,120 @@
+"""Subspace linear algebra for continual LoRA: input statistics, stored bases, projections, basis selection.
+
+A layer ``h = W x`` moved by ``dW`` changes its output on an old input ``x_old`` by ``dW x_old``. A LoRA update
+``dW = B A`` leaves every input in span(M) untouched when the rows of ``A`` are orthogonal to span(M), so
+methods that fight forgetting keep, per layer, an orthonormal basis ``M`` of the inputs old tasks used
+(GPM's memory) and keep new down-projections out of it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class InputCovariance:
+    """Running uncentred second moment ``E[x x^T]`` of a layer's inputs (every token counts once), in float64."""
+
+    def __init__(self, dim: int) -> None:
+        self.sum = torch.zeros(dim, dim, dtype=torch.float64)
+        self.count = 0
+
+    def update(self, x: Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)
+        self.sum += flat.T @ flat
+        self.count += flat.shape[0]
+
+    def mean(self) -> Tensor:
+        return self.sum / max(self.count, 1)
+
+
+def orthonormalize(vectors: Tensor, tol: float = 1e-10) -> Tensor:
+    """An orthonormal basis (columns) of span(vectors' columns), dropping directions below ``tol``."""
+    if vectors.shape[1] == 0:
+        return vectors
+    u, s, _ = torch.linalg.svd(vectors, full_matrices=False)
+    return u[:, s > tol * max(s.max().item(), 1.0)]
+
+
+def project_out(matrix: Tensor, basis: Tensor) -> Tensor:
+    """``(I - M M^T) matrix``: the part of ``matrix``'s columns orthogonal to the orthonormal columns of ``M``."""
+    if basis.shape[1] == 0:
+        return matrix
+    basis = basis.to(matrix.dtype)
+    return matrix - basis @ (basis.T @ matrix)
+
+
+def project_rows_out(rows: Tensor, basis: Tensor) -> Tensor:
+    """``rows (I - M M^T)``: rows (e.g. of a LoRA down-projection or its gradient) kept out of span(M)."""
+    return project_out(rows.T, basis).T
+
+
+def top_directions(covariance: Tensor, rank: int) -> Tensor:
+    """The ``rank`` leading eigenvectors (columns) of a symmetric PSD matrix."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    return eigenvectors[:, eigenvalues.argsort(descending=True)[:rank]]
+
+
+def expand_memory(basis: Tensor, covariance: Tensor, threshold: float) -> Tensor:
+    """GPM's memory update from a task's input second moment ``C``.
+
+    Keeps span(M) and adds the fewest leading directions of the residual ``(I - MM^T) C (I - MM^T)`` such
+    that the energy captured (M's share of trace(C) plus the added eigenvalues) reaches ``threshold`` of
+    trace(C). ``threshold = 1`` keeps every direction the inputs use (exact non-interference).
+    """
+    total = covariance.trace()
+    if total <= 0:
+        return basis
+    residual = project_out(project_out(covariance, basis).T, basis)
+    captured = total - residual.trace()
+    eigenvalues, eigenvectors = torch.linalg.eigh((residual + residual.T) / 2)
+    order = eigenvalues.argsort(descending=True)
+    eigenvalues, eigenvectors = eigenvalues[order].clamp_min(0), eigenvectors[:, order]
+    needed = threshold * total - captured
+    if needed <= 0:
+        return basis
+    cumulative = eigenvalues.cumsum(0)
+    count = int((cumulative < needed * (1 - 1e-9)).sum().item()) + 1
+    count = min(count, int((eigenvalues > 1e-12 * total).sum().item()))
+    return orthonormalize(torch.cat([basis.to(eigenvectors.dtype), eigenvectors[:, :count]], dim=1))
+
+
+def threshold_schedule(task: int, num_tasks: int, start: float, end: float) -> float:
+    """InfLoRA's energy threshold for task ``task`` (0-based): linear from ``start`` to ``end``."""
+    return start + (end - start) * task / max(num_tasks, 1)
+
+
+def random_orthonormal(dim: int, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` orthonormal columns in R^dim, uniformly random (QR of a Gaussian), float64."""
+    q, r = torch.linalg.qr(torch.randn(dim, count, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def minor_weight_directions(weight: Tensor, count: int) -> Tensor:
+    """The right singular vectors of ``W`` with the smallest singular values (directions W barely uses)."""
+    _, s, vh = torch.linalg.svd(weight.detach().to("cpu", torch.float64), full_matrices=True)
+    order = torch.cat([s.argsort(), torch.arange(len(s), vh.shape[0])]) if vh.shape[0] > len(s) else s.argsort()
+    return vh[order[:count]].T
+
+
+def interference_scores(candidates: Tensor, old: Tensor, new: Tensor, eps: float = 1e-12) -> Tensor:
+    """Per candidate direction q: ``q^T C_old q / (q^T C_new q + eps)``, old tasks' input energy along q over
+    the new task's. Low means a unit update along q disturbs old inputs little and reaches new ones well."""
+    old_energy = ((old @ candidates) * candidates).sum(0)
+    new_energy = ((new @ candidates) * candidates).sum(0)
+    return old_energy / (new_energy + eps)
+
+
+def select_lowest(scores: Tensor, count: int, tie_break: Tensor | None = None) -> Tensor:
+    """Indices of the ``count`` lowest scores; equal scores go to the larger ``tie_break`` value first."""
+    if count > len(scores):
+        raise ValueError(f"cannot select {count} directions from a pool of {len(scores)} free ones")
+    order = torch.argsort(-tie_break, stable=True) if tie_break is not None else torch.arange(len(scores))
+    return order[torch.argsort(scores[order], stable=True)][:count]
+
+
+def orthogonality_penalty(old: Tensor, new: Tensor, form: str = "abs") -> Tensor:
+    """O-LoRA's penalty on the overlap of down-projection rows: ``sum |A_old A_new^T|`` (``'abs'``, the
+    official code) or ``sum (A_old A_new^T)^2`` (``'squared'``, the paper). Zero when there is no old adapter."""
+    overlap = old @ new.T
+    return overlap.abs().sum() if form == "abs" else overlap.pow(2).sum()

@@ -1,0 +1,284 @@
+"""Continual-learning methods: each one's claim checked on small tensors, a constructed sequence, and resume."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import TINY_BERT
+from torch import nn
+
+from plan.callbacks import PLAN, ForgettingLogger, GradientProjection, InfLoRA, OLoRA, ProgressiveActivation, TaskCallback, TaskSequencer
+from plan.callbacks.coto import activation_probability, layer_groups
+from plan.cli import run_cli
+from plan.datamodules import DataSource, Examples, TaskSequenceDataModule
+from plan.lora import LoRAConfig
+from plan.module import ContinualClassifier
+from plan.subspace import expand_memory, interference_scores, orthogonality_penalty, random_orthonormal, select_lowest
+
+# -- pure pieces --------------------------------------------------------------------------------------------
+
+
+def test_orthogonality_penalty_matches_hand_computation():
+    old = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    new = torch.tensor([[1.0, -2.0, 5.0]])
+    assert orthogonality_penalty(old, new, "abs").item() == pytest.approx(3.0)
+    assert orthogonality_penalty(old, new, "squared").item() == pytest.approx(5.0)
+    assert orthogonality_penalty(torch.zeros(0, 3), new).item() == 0.0
+
+
+def test_selection_picks_lowest_interference_on_a_known_example():
+    """In a rotated frame with old energy (0, 5, 0, 1) and new energy (1, 1, 3, 1), the two least interfering
+    directions are 0 and 2 (score 0); the tie goes to direction 2, which the new task uses more."""
+    rotation = random_orthonormal(4, 4, torch.Generator().manual_seed(0))
+    old = rotation @ torch.diag(torch.tensor([0.0, 5.0, 0.0, 1.0], dtype=torch.float64)) @ rotation.T
+    new = rotation @ torch.diag(torch.tensor([1.0, 1.0, 3.0, 1.0], dtype=torch.float64)) @ rotation.T
+    scores = interference_scores(rotation, old, new)
+    torch.testing.assert_close(scores, torch.tensor([0.0, 5.0, 0.0, 1.0], dtype=torch.float64), atol=1e-9, rtol=0)
+    new_energy = torch.tensor([1.0, 1.0, 3.0, 1.0], dtype=torch.float64)
+    assert select_lowest(scores, 2, tie_break=new_energy).tolist() == [2, 0]
+    assert select_lowest(scores, 3, tie_break=new_energy).tolist() == [2, 0, 3]
+    with pytest.raises(ValueError, match="pool of 4"):
+        select_lowest(scores, 5)
+
+
+def test_memory_with_threshold_one_spans_the_inputs():
+    inputs = torch.randn(10, 3, dtype=torch.float64) @ torch.randn(3, 8, dtype=torch.float64)  # rank 3 in R^8
+    basis = expand_memory(torch.zeros(8, 0, dtype=torch.float64), inputs.T @ inputs / 10, threshold=1.0)
+    assert basis.shape == (8, 3)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(3, dtype=torch.float64))
+    residual = inputs.T - basis @ (basis.T @ inputs.T)
+    assert residual.abs().max() < 1e-8
+
+
+def test_coto_schedule_and_groups():
+    assert activation_probability(0, 100, 0.1, 0.75) == pytest.approx(0.1)
+    assert activation_probability(30, 100, 0.1, 0.75) == pytest.approx(0.1 + 0.9 * 30 / 75)
+    assert activation_probability(75, 100, 0.1, 0.75) == 1.0 and activation_probability(99, 100, 0.1, 0.75) == 1.0
+    names = ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value", "encoder.layer.1.attention.self.query", "pooler.dense"]
+    assert layer_groups(names) == [names[:2], [names[2]], [names[3]]]
+
+
+# -- a sequence where exact non-interference is possible ----------------------------------------------------
+
+
+class VectorEncoder(nn.Module):
+    """A two-layer MLP encoder over vectors, shaped like a Hugging Face encoder's output."""
+
+    def __init__(self, dim: int = 16, hidden: int = 64) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(hidden_size=hidden)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, hidden)
+
+    def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(last_hidden_state=self.fc2(torch.relu(self.fc1(pixel_values))).unsqueeze(1))
+
+
+class BlockSource(DataSource):
+    """Two classes per task; task t's inputs live only in coordinates 8t..8t+7, so tasks use disjoint input
+    subspaces at the first layer and few directions (<= examples) at the second."""
+
+    def __init__(self, tasks: int = 2, per_class: int = 12) -> None:
+        self.tasks, self.per_class = tasks, per_class
+
+    def load(self, split: str) -> Examples:
+        g = torch.Generator().manual_seed(int(split == "test"))
+        inputs, labels = [], []
+        for c in range(2 * self.tasks):
+            x = torch.zeros(self.per_class, 8 * self.tasks)
+            block = slice(8 * (c // 2), 8 * (c // 2) + 8)
+            x[:, block] = 2.0 * torch.randn(8, generator=torch.Generator().manual_seed(c)) + 0.5 * torch.randn(self.per_class, 8, generator=g)
+            inputs.append(x)
+            labels += [f"c{c}"] * self.per_class
+        return Examples(torch.cat(inputs), labels)
+
+
+class FeatureSnapshot(TaskCallback):
+    """Records the encoder's features on task 0's training inputs when task 0 ends."""
+
+    def on_task_end(self, trainer, pl_module, task):
+        if task == 0:
+            self.features = task_zero_features(trainer, pl_module)
+
+
+@torch.no_grad()
+def task_zero_features(trainer, pl_module) -> torch.Tensor:
+    batches = list(trainer.datamodule.task_train_loader(0))
+    pl_module.eval()
+    features = torch.cat([pl_module.features(b) for b in batches])
+    pl_module.train()
+    return features
+
+
+def run_blocks(tmp_path, *methods) -> tuple[torch.Tensor, torch.Tensor]:
+    pl.seed_everything(0, verbose=False)
+    data = TaskSequenceDataModule(BlockSource(), classes_per_task=2, batch_size=8, passes_per_task=3, tasks=[["c0", "c1"], ["c2", "c3"]])
+    model = ContinualClassifier(backbone=VectorEncoder(), lora=LoRAConfig(rank=2, alpha=4, target_modules=["fc1", "fc2"]), lr=0.05)
+    snapshot = FeatureSnapshot()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=-1,
+        reload_dataloaders_every_n_epochs=1,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        default_root_dir=tmp_path,
+        callbacks=[TaskSequencer(seed=0), ForgettingLogger(heatmap=False), *methods, snapshot],
+    )
+    trainer.fit(model, datamodule=data)
+    return snapshot.features, task_zero_features(trainer, model)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        lambda: InfLoRA(threshold_start=1.0, threshold_end=1.0),
+        lambda: PLAN(threshold_start=1.0, threshold_end=1.0),
+        lambda: PLAN(threshold_start=1.0, threshold_end=1.0, perturbation="past", train_basis=True),
+        lambda: GradientProjection(threshold_start=1.0, threshold_end=1.0),
+    ],
+    ids=["inflora", "plan", "plan-past-trainbasis", "gpm"],
+)
+def test_new_task_leaves_old_task_outputs_unchanged(tmp_path, method):
+    before, after = run_blocks(tmp_path, method())
+    assert (after - before).abs().max() < 1e-4
+
+
+def test_plain_stacked_lora_changes_old_task_outputs(tmp_path):
+    before, after = run_blocks(tmp_path)
+    assert (after - before).abs().max() > 1e-2
+
+
+# -- each method on the tiny BERT -----------------------------------------------------------------------------
+
+
+class Probe(TaskCallback):
+    """Runs ``check(pl_module, task)`` after the methods' own task start (it comes later in the callback list)."""
+
+    def __init__(self, check) -> None:
+        self.check = check
+
+    def on_task_start(self, trainer, pl_module, task):
+        self.check(pl_module, task)
+
+
+def fit_tiny(tmp_path, *callbacks, adapters: str = "stacked", tasks: int = 3):
+    pl.seed_everything(0, verbose=False)
+    from plan.datamodules import SyntheticSource
+
+    data = TaskSequenceDataModule(SyntheticSource(num_classes=2 * tasks), classes_per_task=2, batch_size=8)
+    model = ContinualClassifier(backbone_config=TINY_BERT, lora=LoRAConfig(rank=4, alpha=8), lr=0.01)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=-1, reload_dataloaders_every_n_epochs=1, use_distributed_sampler=False,
+        num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        logger=False, default_root_dir=tmp_path, callbacks=[TaskSequencer(adapters=adapters, seed=0), *callbacks],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    return model
+
+
+def test_inflora_down_projection_is_orthogonal_to_memory(tmp_path):
+    method = InfLoRA(threshold_start=0.6, threshold_end=0.8)
+    overlaps = []
+
+    def check(pl_module, task):
+        for name, layer in pl_module.lora_layers.items():
+            memory = method.memory(name, layer.in_features).to(layer.lora_A)
+            overlaps.append((task, memory.shape[1], (layer.lora_A @ memory).abs().max().item() if memory.shape[1] else 0.0))
+            assert not layer.lora_A.requires_grad
+
+    fit_tiny(tmp_path, method, Probe(check))
+    assert any(task > 0 and size > 0 for task, size, _ in overlaps), "the memory was used"
+    assert max(overlap for _, _, overlap in overlaps) < 1e-5
+
+
+def test_plan_bases_are_orthonormal_and_disjoint(tmp_path):
+    method = PLAN(threshold_start=0.5, threshold_end=0.6)
+    model = fit_tiny(tmp_path, method)
+    for name, layer in model.lora_layers.items():
+        bases = torch.cat(method.allocated[name], dim=1)
+        assert bases.shape[1] == 3 * layer.rank
+        torch.testing.assert_close(bases.T @ bases, torch.eye(3 * layer.rank, dtype=torch.float64), atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.past_A, bases.T.to(layer.past_A), atol=1e-6, rtol=0)
+
+
+def test_olora_loss_term_equals_formula(tmp_path):
+    method = OLoRA(lambda_orth=0.5, lambda_l2=0.1)
+    seen = []
+
+    def check(pl_module, task):
+        layers = pl_module.lora_layers.values()
+        expected = 0.5 * sum((layer.past_A @ layer.lora_A.T).abs().sum() for layer in layers)
+        seen.append((task, pl_module.loss_terms["olora_orth"]().item(), expected.item()))
+        l2 = 0.1 * sum(layer.lora_A.norm() + layer.lora_B.norm() for layer in layers)
+        assert pl_module.loss_terms["olora_l2"]().item() == pytest.approx(l2.item())
+
+    fit_tiny(tmp_path, method, Probe(check))
+    assert seen[0][1] == 0.0 and all(value > 0 for task, value, _ in seen if task > 0)
+    assert all(value == pytest.approx(expected, rel=1e-5) for _, value, expected in seen)
+
+
+def test_olora_refuses_a_shared_adapter(tmp_path):
+    with pytest.raises(ValueError, match="stacked"):
+        fit_tiny(tmp_path, OLoRA(), adapters="shared")
+
+
+def test_coto_with_probability_one_is_plain_training(tmp_path):
+    plain = fit_tiny(tmp_path / "a")
+    coto = fit_tiny(tmp_path / "b", ProgressiveActivation(start=1.0))
+    for (name, a), (_, b) in zip(plain.state_dict().items(), coto.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+class ActivationSpy(TaskCallback):
+    def __init__(self) -> None:
+        self.active: list[list[bool]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.active.append([layer.slot_enabled for layer in pl_module.lora_layers.values()])
+
+
+def test_coto_deactivates_blocks_early_and_keeps_one_active(tmp_path):
+    """With p rising from 0 over the first half of each task's 4 steps: step 0 (p = 0) keeps exactly the one
+    forced block, the second half (p = 1) keeps every block, and no step runs with every block off."""
+    spy = ActivationSpy()
+    fit_tiny(tmp_path, ProgressiveActivation(start=0.0, ramp=0.5), spy, tasks=2)
+    per_task = [spy.active[:4], spy.active[4:]]
+    assert len(spy.active) == 8
+    for steps in per_task:
+        assert sum(steps[0]) == 2, "one block of two LoRA layers (query and value) stays active"
+        assert all(all(step) for step in steps[2:])
+    assert all(any(step) for step in spy.active)
+
+
+# -- resume ---------------------------------------------------------------------------------------------------
+
+METHODS = {
+    "olora": [{"class_path": "plan.callbacks.OLoRA"}],
+    "inflora": [{"class_path": "plan.callbacks.InfLoRA", "init_args": {"threshold_start": 0.6, "threshold_end": 0.8}}],
+    "plan": [{"class_path": "plan.callbacks.PLAN", "init_args": {"threshold_start": 0.5, "threshold_end": 0.6}}],
+    "plan+coto": [
+        {"class_path": "plan.callbacks.PLAN", "init_args": {"threshold_start": 0.5, "threshold_end": 0.6, "perturbation": "past"}},
+        {"class_path": "plan.callbacks.ProgressiveActivation", "init_args": {"start": 0.2}},
+    ],
+    "gpm": [{"class_path": "plan.callbacks.GradientProjection", "init_args": {"threshold_start": 0.6, "threshold_end": 0.8}}],
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_resumes_to_the_same_matrix(tiny, method):
+    callbacks = [{"class_path": "plan.callbacks.TaskSequencer"}, {"class_path": "plan.callbacks.ForgettingLogger"}, *METHODS[method]]
+    full = tiny.config("full", trainer__callbacks=callbacks)
+    part = tiny.config("part", trainer__callbacks=callbacks)
+    run_cli(["fit", "--config", str(full)])
+    run_cli(["fit", "--config", str(part), "--trainer.max_epochs", "1"])
+    run_cli(["fit", "--config", str(part), "--ckpt_path", str(tiny.checkpoints("part") / "task-epoch=0.ckpt")])
+    torch.testing.assert_close(tiny.matrix("part"), tiny.matrix("full"), rtol=0, atol=0, equal_nan=True)
+    full_state, part_state = tiny.last("full")["state_dict"], tiny.last("part")["state_dict"]
+    for key in full_state:
+        torch.testing.assert_close(part_state[key], full_state[key], rtol=0, atol=0, msg=key)
