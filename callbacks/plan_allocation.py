@@ -72,6 +72,7 @@ class PLAN(SubspaceMemory):
         self.train_basis, self.seed = train_basis, seed
         self.pools: dict[str, Tensor] = {}
         self.allocated: dict[str, list[Tensor]] = {}
+        self.old_covariance: dict[str, Tensor] = {}
         self._hooks: list = []
         self._noise: dict[str, Tensor] = {}
         self._free: dict[str, Tensor] = {}
@@ -130,6 +131,12 @@ class PLAN(SubspaceMemory):
             layer.lora_A.requires_grad_(self.train_basis)
         self._start_perturbation(pl_module, generator)
 
+    def update_memory(self, covariances: dict[str, Tensor], task: int, num_tasks: int) -> None:
+        """Also keep the old tasks' summed input second moments, the numerator of the selection score."""
+        super().update_memory(covariances, task, num_tasks)
+        for name, covariance in covariances.items():
+            self.old_covariance[name] = self.old_covariance.get(name, 0) + covariance
+
     def protected_basis(self, name: str, dim: int) -> Tensor | None:
         return self.owned(name, dim, exclude_last=True) if self.train_basis else None
 
@@ -174,8 +181,8 @@ class PLAN(SubspaceMemory):
     # -- checkpoints --------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "pools": self.pools, "allocated": self.allocated}
+        return {**super().state_dict(), "pools": self.pools, "allocated": self.allocated, "old_covariance": self.old_covariance}
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        self.pools, self.allocated = state_dict["pools"], state_dict["allocated"]
+        self.pools, self.allocated, self.old_covariance = state_dict["pools"], state_dict["allocated"], state_dict["old_covariance"]

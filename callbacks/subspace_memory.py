@@ -1,7 +1,7 @@
 """The input-subspace memory that InfLoRA, PLAN and GPM-style gradient projection share.
 
 :class:`SubspaceMemory` keeps, for every LoRA layer, an orthonormal basis ``M`` of the inputs that finished
-tasks fed it (GPM's memory, grown with an energy threshold) and the sum of their second moments. Subclasses
+tasks fed it (GPM's memory, grown with an energy threshold). Subclasses
 decide what to do with it at a task start; all of them may keep the trainable down-projection's rows out of
 a protected basis after every optimizer step, which is :class:`GradientProjection` on its own.
 """
@@ -33,7 +33,6 @@ class SubspaceMemory(TaskCallback):
         self.threshold_end = threshold_end
         self.max_batches = max_batches
         self.bases: dict[str, Tensor] = {}
-        self.old_covariance: dict[str, Tensor] = {}
 
     # -- statistics ---------------------------------------------------------------------------------------
 
@@ -69,11 +68,12 @@ class SubspaceMemory(TaskCallback):
 
     def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
         """Add the finished task's input subspace (measured with its adapter trained) to the memory."""
-        covariances = self.input_covariances(trainer, pl_module, task)
-        threshold = threshold_schedule(task, trainer.datamodule.num_tasks, self.threshold_start, self.threshold_end)
+        self.update_memory(self.input_covariances(trainer, pl_module, task), task, trainer.datamodule.num_tasks)
+
+    def update_memory(self, covariances: dict[str, Tensor], task: int, num_tasks: int) -> None:
+        threshold = threshold_schedule(task, num_tasks, self.threshold_start, self.threshold_end)
         for name, covariance in covariances.items():
             self.bases[name] = expand_memory(self.memory(name, len(covariance)), covariance, threshold)
-            self.old_covariance[name] = self.old_covariance.get(name, 0) + covariance
 
     # -- keeping the trainable down-projection out of a protected subspace --------------------------------
 
@@ -98,10 +98,10 @@ class SubspaceMemory(TaskCallback):
     # -- checkpoints --------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"bases": self.bases, "old_covariance": self.old_covariance}
+        return {"bases": self.bases}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.bases, self.old_covariance = state_dict["bases"], state_dict["old_covariance"]
+        self.bases = state_dict["bases"]
 
 
 class GradientProjection(SubspaceMemory):

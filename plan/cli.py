@@ -37,8 +37,9 @@ class PlanCLI(LightningCLI):
         )
 
 
-def run_cli(args: list[str] | None = None) -> PlanCLI:
-    """Parse ``args`` (default ``sys.argv[1:]``), run the subcommand, and return the CLI with its trainer."""
+def run_cli(args: list[str] | None = None, run: bool = True) -> PlanCLI:
+    """Parse ``args`` (default ``sys.argv[1:]``), run the subcommand, and return the CLI with its trainer.
+    With ``run=False`` the arguments carry no subcommand and the CLI only builds model, data and trainer."""
     return PlanCLI(
         pl.LightningModule,
         pl.LightningDataModule,
@@ -47,6 +48,7 @@ def run_cli(args: list[str] | None = None) -> PlanCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 

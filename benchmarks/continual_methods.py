@@ -1,0 +1,156 @@
+"""Continual-learning methods on the embedded 20 Newsgroups + MiniLM: accuracy, forgetting and overheads.
+
+    python benchmarks/continual_methods.py                              # every method, both scenarios, 3 seeds
+    python benchmarks/continual_methods.py --methods seq_lora plan --seeds 0 --scenarios ci5x4
+
+Each run is ``plan fit`` on ``configs/quickstart.yaml`` (class-incremental 5 x 4) or
+``configs/continual/domain4.yaml`` (4 domains), with the method's callbacks swapped in and the seed as
+``seed_everything``. Results go, one JSON line per run, to ``--out`` (runs already there are skipped, so an
+interrupted benchmark continues); the table printed at the end gives mean +- std over seeds of the final
+average accuracy, average incremental accuracy, forgetting and BWT, plus two overheads measured in the same
+runs: the median training-step time relative to sequential LoRA's, and the task-boundary work (statistics,
+SVD, selection, memory update) as a share of the task's training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+from plan.callbacks import ForgettingLogger
+from plan.cli import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = {"ci5x4": ROOT / "configs" / "quickstart.yaml", "di4": ROOT / "configs" / "continual" / "domain4.yaml"}
+MEMORY = {"threshold_start": 0.95, "threshold_end": 1.0, "max_batches": 2}
+METHODS: dict[str, tuple[str, list[dict]]] = {
+    "seq_lora": ("shared", []),
+    "stacked_lora": ("stacked", []),
+    "olora": ("stacked", [{"class_path": "plan.callbacks.OLoRA", "init_args": {"lambda_orth": 0.5}}]),
+    "inflora": ("stacked", [{"class_path": "plan.callbacks.InfLoRA", "init_args": MEMORY}]),
+    "plan": ("stacked", [{"class_path": "plan.callbacks.PLAN", "init_args": MEMORY}]),
+    "plan_random_selection": ("stacked", [{"class_path": "plan.callbacks.PLAN", "init_args": {**MEMORY, "selection": "random"}}]),
+    "plan_no_perturbation": ("stacked", [{"class_path": "plan.callbacks.PLAN", "init_args": {**MEMORY, "perturbation": "none"}}]),
+    "plan_coto": ("stacked", [
+        {"class_path": "plan.callbacks.PLAN", "init_args": MEMORY},
+        {"class_path": "plan.callbacks.ProgressiveActivation", "init_args": {"start": 0.1, "ramp": 0.75}},
+    ]),
+    "joint": ("shared", []),
+}
+
+
+class StepTimer(Callback):
+    """Times training steps and the work at task boundaries. Two instances bracket every other callback:
+    ``first`` (first in the list) opens each window, ``last`` closes it, so a step includes the methods'
+    per-step hooks and a boundary includes their task-start and task-end work (not validation)."""
+
+    def __init__(self, shared: dict, role: str) -> None:
+        self.shared, self.role = shared, role
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.role == "first":
+            self.shared["mark"] = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.role == "first":
+            now = time.perf_counter()
+            if batch_idx == 0:
+                self.shared["boundary"] += now - self.shared["mark"]
+            self.shared["step_start"] = now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.role == "last":
+            self.shared["steps"].append(time.perf_counter() - self.shared["step_start"])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.role == "first":
+            self.shared["mark"] = time.perf_counter()
+        else:
+            self.shared["boundary"] += time.perf_counter() - self.shared["mark"]
+
+
+def run(scenario: str, method: str, seed: int) -> dict:
+    adapters, callbacks = METHODS[method]
+    callbacks = [
+        {"class_path": "plan.callbacks.TaskSequencer", "init_args": {"adapters": adapters}},
+        {"class_path": "plan.callbacks.ForgettingLogger", "init_args": {"heatmap": False}},
+        *callbacks,
+    ]
+    shared = {"boundary": 0.0, "steps": [], "mark": 0.0}
+    with tempfile.TemporaryDirectory() as root:
+        args = ["--config", str(SCENARIOS[scenario]), "--seed_everything", str(seed), "--trainer.logger", "false",
+                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                "--trainer.default_root_dir", root, "--trainer.callbacks", json.dumps(callbacks)]  # fmt: skip
+        if method == "joint":
+            args += ["--data.init_args.joint", "true", "--data.init_args.passes_per_task", "2"]
+        start = time.perf_counter()
+        cli = run_cli(args, run=False)
+        cli.trainer.callbacks.insert(0, StepTimer(shared, "first"))
+        cli.trainer.callbacks.append(StepTimer(shared, "last"))  # Lightning keeps checkpointing after it
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        wall = time.perf_counter() - start
+    logger = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ForgettingLogger))
+    train_time = sum(shared["steps"])
+    return {
+        "scenario": scenario, "method": method, "seed": seed, **logger.summary().as_dict(),
+        "matrix": logger.matrix.tolist(), "median_step_s": statistics.median(shared["steps"]),
+        "boundary_s": shared["boundary"], "train_s": train_time, "wall_s": wall,
+    }  # fmt: skip
+
+
+def summarise(results: list[dict]) -> str:
+    """Mean +- std over seeds per (scenario, method), with the overheads against sequential LoRA."""
+    lines = []
+    for scenario in SCENARIOS:
+        rows = [r for r in results if r["scenario"] == scenario]
+        if not rows:
+            continue
+        reference = [r["median_step_s"] for r in rows if r["method"] == "seq_lora"]
+        lines += [f"\n{scenario}", f"{'method':<22}{'seeds':>6}{'avg_acc':>16}{'avg_inc_acc':>16}{'forgetting':>16}{'bwt':>16}{'step/seq':>10}{'boundary':>10}"]
+        for method in METHODS:
+            runs = [r for r in rows if r["method"] == method]
+            if not runs:
+                continue
+
+            def stat(key: str) -> str:
+                values = [r[key] for r in runs]
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                return f"{statistics.mean(values):.3f}+-{spread:.3f}"
+
+            step = statistics.median(r["median_step_s"] for r in runs) / statistics.median(reference) if reference else float("nan")
+            boundary = sum(r["boundary_s"] for r in runs) / sum(r["train_s"] for r in runs)
+            lines.append(f"{method:<22}{len(runs):>6}{stat('avg_acc'):>16}{stat('avg_inc_acc'):>16}{stat('forgetting'):>16}{stat('bwt'):>16}{step:>10.3f}{boundary:>9.1%}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "continual_methods.jsonl")
+    args = parser.parse_args()
+
+    done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.exists() else []
+    finished = {(r["scenario"], r["method"], r["seed"]) for r in done}
+    for scenario in args.scenarios:
+        for seed in args.seeds:
+            for method in args.methods:
+                if (scenario, method, seed) in finished:
+                    continue
+                result = run(scenario, method, seed)
+                print(f"{scenario} {method} seed {seed}: avg_acc {result['avg_acc']:.3f} forgetting {result['forgetting']:.3f} ({result['wall_s']:.0f} s)", flush=True)
+                with args.out.open("a") as f:
+                    f.write(json.dumps(result) + "\n")
+                done.append(result)
+    print(summarise(done))
+
+
+if __name__ == "__main__":
+    main()
