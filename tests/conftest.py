@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 TINY_BERT = {
     "model_type": "bert",
@@ -94,3 +96,20 @@ class TinyRun:
 @pytest.fixture
 def tiny(tmp_path: Path) -> TinyRun:
     return TinyRun(tmp_path)
+
+
+def task_trainer(root: Path, callbacks: list[Callback], max_epochs: int = -1) -> pl.Trainer:
+    """A quiet CPU trainer with the one-epoch-one-task settings the CLI defaults to, for Python-API tests."""
+    return pl.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        reload_dataloaders_every_n_epochs=1,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        default_root_dir=root,
+        callbacks=callbacks,
+    )

@@ -7,13 +7,13 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TINY_BERT
+from conftest import TINY_BERT, task_trainer
 from torch import nn
 
 from plan.callbacks import PLAN, ForgettingLogger, GradientProjection, InfLoRA, OLoRA, ProgressiveActivation, TaskCallback, TaskSequencer
 from plan.callbacks.coto import activation_probability, layer_groups
 from plan.cli import run_cli
-from plan.datamodules import DataSource, Examples, TaskSequenceDataModule
+from plan.datamodules import DataSource, Examples, SyntheticSource, TaskSequenceDataModule
 from plan.lora import LoRAConfig
 from plan.module import ContinualClassifier
 from plan.subspace import expand_memory, interference_scores, orthogonality_penalty, random_orthonormal, select_lowest
@@ -117,19 +117,7 @@ def run_blocks(tmp_path, *methods) -> tuple[torch.Tensor, torch.Tensor]:
     data = TaskSequenceDataModule(BlockSource(), classes_per_task=2, batch_size=8, passes_per_task=3, tasks=[["c0", "c1"], ["c2", "c3"]])
     model = ContinualClassifier(backbone=VectorEncoder(), lora=LoRAConfig(rank=2, alpha=4, target_modules=["fc1", "fc2"]), lr=0.05)
     snapshot = FeatureSnapshot()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=-1,
-        reload_dataloaders_every_n_epochs=1,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        default_root_dir=tmp_path,
-        callbacks=[TaskSequencer(seed=0), ForgettingLogger(heatmap=False), *methods, snapshot],
-    )
+    trainer = task_trainer(tmp_path, [TaskSequencer(seed=0), ForgettingLogger(heatmap=False), *methods, snapshot])
     trainer.fit(model, datamodule=data)
     return snapshot.features, task_zero_features(trainer, model)
 
@@ -169,15 +157,9 @@ class Probe(TaskCallback):
 
 def fit_tiny(tmp_path, *callbacks, adapters: str = "stacked", tasks: int = 3):
     pl.seed_everything(0, verbose=False)
-    from plan.datamodules import SyntheticSource
-
     data = TaskSequenceDataModule(SyntheticSource(num_classes=2 * tasks), classes_per_task=2, batch_size=8)
     model = ContinualClassifier(backbone_config=TINY_BERT, lora=LoRAConfig(rank=4, alpha=8), lr=0.01)
-    trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=-1, reload_dataloaders_every_n_epochs=1, use_distributed_sampler=False,
-        num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        logger=False, default_root_dir=tmp_path, callbacks=[TaskSequencer(adapters=adapters, seed=0), *callbacks],
-    )  # fmt: skip
+    trainer = task_trainer(tmp_path, [TaskSequencer(adapters=adapters, seed=0), *callbacks])
     trainer.fit(model, datamodule=data)
     return model
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TINY_BERT, TINY_VIT
+from conftest import TINY_BERT, TINY_VIT, task_trainer
 
 from plan.callbacks import ForgettingLogger, TaskCallback, TaskSequencer
 from plan.datamodules import SyntheticSource, TaskSequenceDataModule
@@ -14,19 +14,7 @@ from plan.module import ContinualClassifier
 
 
 def trainer(tmp_path, *callbacks, max_epochs: int = -1) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        max_epochs=max_epochs,
-        reload_dataloaders_every_n_epochs=1,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        default_root_dir=tmp_path,
-        callbacks=[TaskSequencer(seed=0), ForgettingLogger(heatmap=False), *callbacks],
-    )
+    return task_trainer(tmp_path, [TaskSequencer(seed=0), ForgettingLogger(heatmap=False), *callbacks], max_epochs)
 
 
 def test_vit_learns_image_tasks(tmp_path):
