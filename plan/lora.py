@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from plan.kernels import check_kernel, stacked_lora_linear
+
 
 @dataclass
 class LoRAConfig:
@@ -32,6 +34,7 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    kernel: str = "auto"  # auto | triton | torch: the path of the LoRA layers' forward/backward (plan.kernels)
 
     @property
     def scale(self) -> float:
@@ -41,8 +44,11 @@ class LoRAConfig:
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a frozen stack of past adapters and one trainable low-rank slot."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, name: str = "") -> None:
+    def __init__(
+        self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, name: str = "", kernel: str = "auto"
+    ) -> None:
         super().__init__()
+        self.kernel = check_kernel(kernel)
         limit = min(base.in_features, base.out_features)
         if not 0 < rank <= limit:
             raise ValueError(
@@ -120,14 +126,25 @@ class LoRALinear(nn.Module):
             raise RuntimeError(f"{what}() needs an unmerged layer: call unmerge() first")
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base_layer(x)
+        """``base(x) + s * dropout(x) A^T B^T`` (if the slot is enabled) ``+ x A_past^T B_past^T``, through
+        :func:`plan.kernels.stacked_lora_linear` on the path ``self.kernel`` selects; the torch path runs exactly
+        these operations in this order."""
         if self.merged:
-            return y
-        if self.slot_enabled:
-            y = y + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
-        if self.past_rank:
-            y = y + x @ self.past_A.T @ self.past_B.T
-        return y
+            return self.base_layer(x)
+        slot = self.slot_enabled
+        return stacked_lora_linear(
+            x,
+            self.base_layer.weight,
+            self.base_layer.bias,
+            self.lora_A if slot else None,
+            self.lora_B if slot else None,
+            self.scale,
+            self.past_A,
+            self.past_B,
+            dropout=self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0,
+            training=self.dropout.training,
+            kernel=self.kernel,
+        )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # The frozen stack grows task by task: take the stored size instead of refusing the mismatch.
@@ -138,7 +155,10 @@ class LoRALinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, scale={self.scale:g}, past_rank={self.past_rank}, merged={self.merged}"
+        return (
+            f"rank={self.rank}, scale={self.scale:g}, past_rank={self.past_rank}, merged={self.merged}, "
+            f"kernel={self.kernel}"
+        )
 
 
 @torch.no_grad()
@@ -175,7 +195,10 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> dict[str, LoRALinear]:
             f"its linear layers end in: {suffixes}"
         )
     # Build every layer before swapping any in, so a rank that does not fit leaves no half-injected model.
-    layers = {name: LoRALinear(linears[name], config.rank, config.alpha, config.dropout, name=name) for name in targets}
+    layers = {
+        name: LoRALinear(linears[name], config.rank, config.alpha, config.dropout, name=name, kernel=config.kernel)
+        for name in targets
+    }
     model.requires_grad_(False)
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
