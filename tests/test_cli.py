@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -23,14 +24,20 @@ def fit(config, *extra: str) -> None:
 
 def test_fit_fills_matrix_checkpoints_and_tensorboard(tiny, caplog):
     """One fit runs every task: one checkpoint per task, a full lower triangle, and the TensorBoard views."""
-    with caplog.at_level("INFO"):
+    # Lightning's loggers do not propagate to the root logger that caplog listens on: listen on them directly.
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    lightning_logger.addHandler(caplog.handler)
+    try:
         fit(tiny.config())
+    finally:
+        lightning_logger.removeHandler(caplog.handler)
+    printed = caplog.text
     names = sorted(p.name for p in tiny.checkpoints().iterdir())
     assert names == ["last.ckpt", "task-epoch=0.ckpt", "task-epoch=1.ckpt", "task-epoch=2.ckpt"]
     matrix = tiny.matrix()
     lower = torch.ones(3, 3, dtype=torch.bool).tril()
     assert not torch.isnan(matrix[lower]).any() and torch.isnan(matrix[~lower]).all()
-    assert "accuracy matrix R[i, j]" in caplog.text and "forgetting" in caplog.text
+    assert "accuracy matrix R[i, j]" in printed and "forgetting" in printed
 
     events = EventAccumulator(str(tiny.root / "run" / "tiny" / "v"), size_guidance={"images": 0, "scalars": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
