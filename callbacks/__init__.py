@@ -1,6 +1,8 @@
-"""Lightning callbacks: the task sequencer, the forgetting logger, and one continual-learning method per file."""
+"""Lightning callbacks: the task sequencer, the forgetting logger, one continual-learning method per file, and
+the federated round driver."""
 
 from plan.callbacks.coto import ProgressiveActivation
+from plan.callbacks.federated import FederatedRounds
 from plan.callbacks.forgetting import ForgettingLogger
 from plan.callbacks.inflora import InfLoRA
 from plan.callbacks.olora import OLoRA
@@ -10,6 +12,7 @@ from plan.callbacks.subspace_memory import GradientProjection, SubspaceMemory
 
 __all__ = [
     "PLAN",
+    "FederatedRounds",
     "ForgettingLogger",
     "GradientProjection",
     "InfLoRA",

@@ -87,6 +87,11 @@ class TaskSequencer(Callback):
                 layer.freeze_slot()
                 layer.reset_slot(generator)
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self.state_key not in checkpoint.get("callbacks", {}):
+            found = sorted(checkpoint.get("callbacks", {}))
+            raise ValueError(f"checkpoint was not written by a continual-learning run (its callbacks: {found}); resume it with the scenario that wrote it")
+
     def state_dict(self) -> dict:
         return {"adapters": self.adapters, "seed": self.seed, "tasks_started": self.tasks_started}
 

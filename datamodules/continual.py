@@ -101,6 +101,16 @@ class EncodedExamples(Dataset):
         return item
 
 
+def encode_examples(examples: Examples, class_id: dict[str, int], tokenizer, max_length: int) -> EncodedExamples:
+    """Token ids and attention masks (text, truncated to ``max_length``) or pixel values (images), with each
+    example's class name mapped to its global id."""
+    labels = torch.tensor([class_id[label] for label in examples.labels])
+    if isinstance(examples.inputs, Tensor):
+        return EncodedExamples({"pixel_values": examples.inputs}, labels)
+    encoded = tokenizer(examples.inputs, truncation=True, max_length=max_length)
+    return EncodedExamples({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}, labels)
+
+
 class ShardedBatchSampler(Sampler[list[int]]):
     """Global batches of a seeded permutation (one permutation per pass), each cut into this rank's share.
 
@@ -263,17 +273,10 @@ class TaskSequenceDataModule(pl.LightningDataModule):
             if task is not None:
                 keep.append(i)
                 task_of.append(task)
-        examples = examples.subset(keep)
-        labels = torch.tensor([class_id[label] for label in examples.labels])
-        if isinstance(examples.inputs, Tensor):
-            features = {"pixel_values": examples.inputs}
-        else:
-            encoded = tokenizer(examples.inputs, truncation=True, max_length=self.max_length)
-            features = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         task_indices = [[] for _ in range(layout.num_tasks)]
         for i, task in enumerate(task_of):
             task_indices[task].append(i)
-        return EncodedExamples(features, labels), task_indices
+        return encode_examples(examples.subset(keep), class_id, tokenizer, self.max_length), task_indices
 
     def _loader(self, split: str, indices: list[int], batch_size: int, shuffle: bool, seed: int = 0, passes: int = 1) -> DataLoader:
         dataset, _ = self._splits[split]
@@ -339,6 +342,8 @@ class TaskSequenceDataModule(pl.LightningDataModule):
 def collate(items: list[dict], pad_id: int = 0) -> dict[str, Tensor]:
     """Stack images, or right-pad token ids (with ``pad_id``) and attention masks to the longest sequence."""
     batch: dict[str, Tensor] = {"labels": torch.stack([item["labels"] for item in items])}
+    if "client" in items[0]:
+        batch["client"] = torch.tensor([item["client"] for item in items])
     if "pixel_values" in items[0]:
         batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
         return batch

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from plan.aggregation import compress_factors
 from plan.kernels import check_kernel, stacked_lora_linear
 
 
@@ -67,6 +68,7 @@ class LoRALinear(nn.Module):
         self.register_buffer("past_B", torch.empty(base.out_features, 0, **factory))
         self.merged = False
         self.slot_enabled = True  # False drops the slot's term for this forward (CoTo's layer deactivation)
+        self.active_rank = rank  # a federated client of lower rank uses the slot's first components only
         self.reset_slot()
 
     @property
@@ -107,6 +109,15 @@ class LoRALinear(nn.Module):
         self.past_B = torch.cat([self.past_B, self.scale * self.lora_B.detach()], dim=1)
 
     @torch.no_grad()
+    def absorb(self, a: Tensor, b: Tensor) -> None:
+        """Add the update ``b @ a`` (scale already in ``b``) to the frozen stack, as FLoRA merges its stacked
+        clients. A stack wider than the layer is recompressed to rank ``min(in, out)``, exactly."""
+        self._unmerged_only("absorb")
+        past_A = torch.cat([self.past_A, a.to(self.past_A)], dim=0)
+        past_B = torch.cat([self.past_B, b.to(self.past_B)], dim=1)
+        self.past_A, self.past_B = compress_factors(past_A, past_B)
+
+    @torch.no_grad()
     def merge(self) -> None:
         """Fold the stack and the slot into the base weight, for inference at the base layer's cost."""
         self._unmerged_only("merge")
@@ -131,13 +142,13 @@ class LoRALinear(nn.Module):
         these operations in this order."""
         if self.merged:
             return self.base_layer(x)
-        slot = self.slot_enabled
+        slot, r = self.slot_enabled, self.active_rank
         return stacked_lora_linear(
             x,
             self.base_layer.weight,
             self.base_layer.bias,
-            self.lora_A if slot else None,
-            self.lora_B if slot else None,
+            (self.lora_A if r == self.rank else self.lora_A[:r]) if slot else None,
+            (self.lora_B if r == self.rank else self.lora_B[:, :r].contiguous()) if slot else None,
             self.scale,
             self.past_A,
             self.past_B,

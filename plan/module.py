@@ -18,6 +18,7 @@ from plan.lora import LoRAConfig, LoRALinear, inject_lora, uniform_from_cpu_
 from plan.models import EMBEDDED_MINILM, hidden_size, load_backbone
 
 LORA_KEYS = ("lora_A", "lora_B", "past_A", "past_B")
+NON_INPUT_KEYS = ("labels", "client")  # batch entries that are not model inputs (a federated batch names its client)
 
 
 class ContinualClassifier(pl.LightningModule):
@@ -123,7 +124,7 @@ class ContinualClassifier(pl.LightningModule):
     # -- forward and steps --------------------------------------------------------------------------------
 
     def features(self, batch: dict[str, Tensor]) -> Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k not in NON_INPUT_KEYS}
         hidden = self.backbone(**inputs).last_hidden_state
         mask = batch.get("attention_mask")
         if self.pooling == "mean" or (self.pooling == "auto" and mask is not None):

@@ -65,14 +65,37 @@ TINY_RUN = {
 }
 
 
+TINY_FEDERATED_RUN = {
+    **TINY_RUN,
+    "trainer": {
+        **TINY_RUN["trainer"],
+        "callbacks": [{"class_path": "plan.callbacks.FederatedRounds", "init_args": {"aggregation": "fedit"}}],
+    },
+    "checkpoint": {"filename": "round-{epoch}"},
+    "data": {
+        "class_path": "plan.datamodules.FederatedDataModule",
+        "init_args": {
+            "source": {"class_path": "plan.datamodules.SyntheticSource", "init_args": {"num_classes": 6}},
+            "rounds": 3,
+            "num_clients": 6,
+            "clients_per_round": 4,
+            "partition": "dirichlet",
+            "alpha": 0.5,
+            "batch_size": 8,
+        },
+    },
+}
+
+
 class TinyRun:
     """Writes the tiny config (with nested overrides) under a folder and finds what a run left there."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, base: dict = TINY_RUN) -> None:
         self.root = root
+        self.base = base
 
     def config(self, name: str = "run", **overrides) -> Path:
-        config = copy.deepcopy(TINY_RUN)
+        config = copy.deepcopy(self.base)
         config["trainer"]["logger"]["init_args"]["save_dir"] = str(self.root / name)
         for dotted, value in overrides.items():
             node, *path, leaf = [config, *dotted.split("__")]
@@ -96,6 +119,12 @@ class TinyRun:
 @pytest.fixture
 def tiny(tmp_path: Path) -> TinyRun:
     return TinyRun(tmp_path)
+
+
+@pytest.fixture
+def tiny_fed(tmp_path: Path) -> TinyRun:
+    """The tiny run as a federation: 6 synthetic-data clients, 4 sampled per round, 3 rounds of FedIT."""
+    return TinyRun(tmp_path, TINY_FEDERATED_RUN)
 
 
 def task_trainer(root: Path, callbacks: list[Callback], max_epochs: int = -1) -> pl.Trainer:

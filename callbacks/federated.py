@@ -1,0 +1,335 @@
+"""The federated round driver: one epoch is one communication round of simulated clients.
+
+One model lives on each device. Each sampled client in turn gets the global adapters and head loaded into the
+model's LoRA slots (the same ``Parameter`` objects all run), trains with a fresh optimizer state, and leaves a
+copy of its factors on the CPU; at the round end the copies are screened for faults, gathered from every rank,
+and combined by a rule from :mod:`plan.aggregation`. Memory therefore grows by one adapter per client, never by
+one model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from plan.aggregation import AggregationRule, ClientUpdate, GlobalState, make_rule, screen_updates
+from plan.datamodules.federated import IDLE_CLIENT
+
+
+class FederatedRounds(Callback):
+    """Drives ``plan.datamodules.FederatedDataModule``'s rounds: client switches, faults and aggregation.
+
+    Args:
+        aggregation: the rule: ``fedit``, ``ffa_lora``, ``lora_fair``, ``flexlora``, ``flora``, or a
+            :class:`plan.aggregation.AggregationRule` (e.g. ``LoRAFAIR(lam=0.01, steps=1000)``).
+        client_ranks: LoRA rank per client, assigned cyclically (client ``k`` gets ``client_ranks[k % len]``);
+            each at most the model's ``lora.rank``. Default: every client uses the model's rank.
+        train_A: whether clients train the down-projection ``A``; default: the rule's choice (FFA-LoRA: no).
+        dropout_prob: chance that a sampled client never replies (seeded per round and client).
+        norm_ratio: an update whose norm exceeds this multiple of the round's median is excluded.
+        seed: seeds the shared adapter init, client dropout and each client's RNG; default: the run's seed.
+    """
+
+    def __init__(
+        self,
+        aggregation: str | AggregationRule = "fedit",
+        client_ranks: list[int] | None = None,
+        train_A: bool | None = None,
+        dropout_prob: float = 0.0,
+        norm_ratio: float = 10.0,
+        seed: int | None = None,
+    ) -> None:
+        self.rule = make_rule(aggregation)
+        if train_A and not self.rule.trains_A:
+            raise ValueError(
+                f"aggregation {self.rule.name!r} keeps A frozen at its shared init (that is what makes it exact); "
+                f"train_A=True contradicts it: drop train_A or choose a rule that trains A ({', '.join(r for r in ('fedit', 'lora_fair', 'flexlora', 'flora'))})"
+            )
+        if not 0 <= dropout_prob < 1:
+            raise ValueError(f"dropout_prob must be in [0, 1), got {dropout_prob}")
+        if norm_ratio <= 1:
+            raise ValueError(f"norm_ratio must be > 1, got {norm_ratio}")
+        self.train_A = self.rule.trains_A if train_A is None else train_A
+        self.client_ranks = client_ranks
+        self.dropout_prob = dropout_prob
+        self.norm_ratio = norm_ratio
+        self.seed = seed
+        self.global_state: GlobalState | None = None
+        self.clients: dict[int, ClientUpdate] = {}  # each client's last aggregated upload, on the CPU
+        self.rounds_closed = 0
+        self.round_updates: list[ClientUpdate] = []
+        self.current_client: int | None = None
+        self.last_round: dict = {}
+
+    # -- setup --------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.seed is None:
+            self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        if stage != "fit":
+            return
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "sampled_clients"):
+            raise ValueError("FederatedRounds needs a federated datamodule such as plan.datamodules.FederatedDataModule")
+        if trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ValueError(f"FederatedRounds needs trainer.reload_dataloaders_every_n_epochs=1 (one epoch = one round), got {trainer.reload_dataloaders_every_n_epochs}")
+        if trainer.max_epochs in (None, -1):
+            trainer.fit_loop.max_epochs = datamodule.num_stages
+        elif trainer.max_epochs > datamodule.num_stages:
+            raise ValueError(f"trainer.max_epochs={trainer.max_epochs} exceeds the {datamodule.num_stages} rounds; use at most {datamodule.num_stages} (or -1 for all)")
+        rank = pl_module.lora_config.rank
+        ranks = self.client_ranks or [rank]
+        bad = [r for r in ranks if not 1 <= r <= rank]
+        if bad:
+            raise ValueError(f"client_ranks {bad} do not fit the model's LoRA rank {rank}: each must be in 1..{rank} (raise lora.rank)")
+        if self.rule.equal_ranks and len(set(ranks)) > 1:
+            raise ValueError(
+                f"aggregation {self.rule.name!r} needs every client at one rank, but client_ranks={ranks} differ; "
+                f"use equal ranks or a rule for heterogeneous ranks ('flexlora', 'flora')"
+            )
+        for layer in pl_module.lora_layers.values():
+            layer.lora_A.requires_grad_(self.train_A)
+
+    def client_rank(self, client: int, default: int) -> int:
+        return self.client_ranks[client % len(self.client_ranks)] if self.client_ranks else default
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.global_state is None:  # a fresh run: every client starts from one seeded init
+            generator = torch.Generator().manual_seed(self.seed * 7 + 1)
+            for layer in pl_module.lora_layers.values():
+                layer.reset_slot(generator)
+            self.global_state = GlobalState(self._read_slots(pl_module), self._read_head(pl_module))
+            self._log_partition(trainer)
+        else:
+            self._load(pl_module, self.global_state)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Ranks train different clients for different numbers of steps: DDP must not all-reduce gradients or
+        # broadcast buffers during local training. Aggregation at the round end is the only exchange.
+        model = trainer.strategy.model
+        if isinstance(model, DistributedDataParallel):
+            model.require_backward_grad_sync = False
+            model.require_forward_param_sync = False
+
+    # -- client switches ----------------------------------------------------------------------------------
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.round_updates, self.current_client = [], None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict, batch_idx: int) -> None:
+        client = int(batch["client"][0])
+        if client != self.current_client:
+            if self.current_client is not None:
+                self._finish_client(trainer, pl_module)
+            if client != IDLE_CLIENT:  # an idle step trains a leftover copy that the round end overwrites
+                self._start_client(trainer, pl_module, client)
+
+    def _start_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int) -> None:
+        self.current_client = client
+        self._load(pl_module, self.global_state)
+        rank = self.client_rank(client, pl_module.lora_config.rank)
+        for layer in pl_module.lora_layers.values():
+            layer.active_rank = rank
+        for optimizer in trainer.optimizers:
+            optimizer.state.clear()
+        pl.seed_everything(self._seed(trainer.current_epoch, client), verbose=False)
+
+    def _finish_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        client = self.current_client
+        rank = self.client_rank(client, pl_module.lora_config.rank)
+        adapters = {name: (a[:rank], b[:, :rank]) for name, (a, b) in self._read_slots(pl_module).items()}
+        update = ClientUpdate(client, trainer.datamodule.client_sizes[client], adapters, self._read_head(pl_module))
+        self.round_updates.append(update)
+        self.current_client = None
+
+    def _seed(self, round_index: int, client: int, stream: int = 0) -> int:
+        return int(np.random.SeedSequence([self.seed, round_index, client, stream]).generate_state(1)[0])
+
+    # -- the round end ------------------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._close_round(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_round(trainer, pl_module)  # already done if the round was validated
+        self._log_round(trainer)
+
+    def _close_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        round_index = trainer.current_epoch
+        if self.rounds_closed > round_index:
+            return
+        if self.current_client is not None:
+            self._finish_client(trainer, pl_module)
+        replies, dropped = [], {}
+        for update in self.round_updates:
+            if np.random.default_rng(self._seed(round_index, update.client, 1)).random() < self.dropout_prob:
+                dropped[update.client] = "dropped out (no reply)"
+            else:
+                replies.append(update)
+        replies, dropped = _gather(replies, trainer), _gather_dict(dropped, trainer)
+        kept, excluded = screen_updates(replies, self.global_state, self.norm_ratio)
+        excluded.update(dropped)
+        self.clients.update({u.client: u for u in kept})
+        for client, reason in sorted(excluded.items()):
+            rank_zero_warn(f"round {round_index}: client {client} excluded: {reason}")
+        start, rank = self.global_state, pl_module.lora_config.rank
+        if kept:
+            state = self.rule.aggregate(kept, start, pl_module.lora_layers[next(iter(pl_module.lora_layers))].scale, rank)
+        else:
+            rank_zero_warn(f"round {round_index}: every client failed ({len(excluded)} excluded); the global adapters stay as they were")
+            state = start
+        for name, (a, b) in state.merged.items():
+            pl_module.lora_layers[name].absorb(a, b)
+        if state.reinit:
+            generator = torch.Generator().manual_seed(self._seed(round_index + 1, 0, stream=2))
+            for layer in pl_module.lora_layers.values():
+                layer.reset_slot(generator)
+            state.adapters = self._read_slots(pl_module)
+        self._load(pl_module, state)
+        element = pl_module.lora_layers[next(iter(pl_module.lora_layers))].lora_A.element_size()
+        sampled = trainer.datamodule.sampled_clients(round_index)
+        self.last_round = {
+            "round": round_index,
+            "clients": len(sampled),
+            "aggregated": len(kept),
+            "excluded": len(excluded),
+            "bytes_down": element * sum(self.rule.download_numel(start, self.client_rank(k, rank), round_index == 0) for k in sampled),
+            "bytes_up": element * sum(self.rule.upload_numel(u) for u in replies),
+        }
+        self.global_state = state
+        self.rounds_closed = round_index + 1
+
+    # -- model <-> server state -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _read_slots(pl_module: pl.LightningModule) -> dict[str, tuple[Tensor, Tensor]]:
+        return {name: (layer.lora_A.detach().cpu().clone(), layer.lora_B.detach().cpu().clone()) for name, layer in pl_module.lora_layers.items()}
+
+    @staticmethod
+    def _read_head(pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        return {name: p.detach().cpu().clone() for name, p in pl_module.head.named_parameters()}
+
+    @staticmethod
+    @torch.no_grad()
+    def _load(pl_module: pl.LightningModule, state: GlobalState) -> None:
+        """Copy the global adapters and head into the model (in place: the parameters keep their identity)."""
+        for name, layer in pl_module.lora_layers.items():
+            a, b = state.adapters[name]
+            layer.lora_A.copy_(a)
+            layer.lora_B.copy_(b)
+            layer.active_rank = layer.rank
+        for name, p in pl_module.head.named_parameters():
+            p.copy_(state.head[name])
+
+    # -- logging ------------------------------------------------------------------------------------------
+
+    def _log_round(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero or not self.last_round:
+            return
+        metrics = {f"fed/{k}": float(v) for k, v in self.last_round.items() if k != "round"}
+        accuracy = trainer.callback_metrics.get("val/acc")
+        if accuracy is not None:
+            metrics["fed/acc"] = float(accuracy)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=self.last_round["round"] + 1)
+
+    def _log_partition(self, trainer: pl.Trainer) -> None:
+        """Per-client label histograms: a heatmap and a table in TensorBoard, sizes in the console."""
+        histogram = trainer.datamodule.label_histogram()
+        sizes = histogram.sum(1).tolist()
+        rank_zero_info(
+            f"{len(sizes)} clients, {trainer.datamodule.clients_per_round} per round, aggregation {self.rule.name!r}; "
+            f"client sizes min {min(sizes)} / median {sorted(sizes)[len(sizes) // 2]} / max {max(sizes)}"
+        )
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure("fed/label_histogram", histogram_figure(histogram), global_step=0)
+                rows = ["| client | n | " + " | ".join(f"c{c}" for c in range(histogram.shape[1])) + " |", "|---" * (histogram.shape[1] + 2) + "|"]
+                rows += [f"| {k} | {sizes[k]} | " + " | ".join(map(str, row)) + " |" for k, row in enumerate(histogram.tolist())]
+                logger.experiment.add_text("fed/label_histogram_table", "\n".join(rows), global_step=0)
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self.state_key not in checkpoint.get("callbacks", {}):
+            found = sorted(checkpoint.get("callbacks", {}))
+            raise ValueError(f"checkpoint was not written by a federated run (its callbacks: {found}); resume it with the scenario that wrote it")
+
+    def state_dict(self) -> dict:
+        return {
+            "rule": self.rule.name,
+            "seed": self.seed,
+            "rounds_closed": self.rounds_closed,
+            "global": _state_to_dict(self.global_state),
+            "clients": {k: _update_to_dict(u) for k, u in self.clients.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict["rule"] != self.rule.name:
+            raise ValueError(f"checkpoint was aggregated with {state_dict['rule']!r}, this run asks for {self.rule.name!r}")
+        self.seed, self.rounds_closed = state_dict["seed"], state_dict["rounds_closed"]
+        self.global_state = _state_from_dict(state_dict["global"])
+        self.clients = {int(k): _update_from_dict(v) for k, v in state_dict["clients"].items()}
+
+
+def _gather(updates: list[ClientUpdate], trainer: pl.Trainer) -> list[ClientUpdate]:
+    """Every rank's client updates on every rank, sorted by client so that all ranks aggregate identically."""
+    if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        parts: list = [None] * trainer.world_size
+        dist.all_gather_object(parts, [_update_to_dict(u) for u in updates])
+        updates = [_update_from_dict(d) for part in parts for d in part]
+    return sorted(updates, key=lambda u: u.client)
+
+
+def _gather_dict(entries: dict[int, str], trainer: pl.Trainer) -> dict[int, str]:
+    if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        parts: list = [None] * trainer.world_size
+        dist.all_gather_object(parts, entries)
+        return {k: v for part in parts for k, v in part.items()}
+    return entries
+
+
+def _update_to_dict(update: ClientUpdate) -> dict:
+    return {"client": update.client, "num_samples": update.num_samples, "adapters": update.adapters, "head": update.head}
+
+
+def _update_from_dict(d: dict) -> ClientUpdate:
+    return ClientUpdate(d["client"], d["num_samples"], {k: tuple(v) for k, v in d["adapters"].items()}, d["head"])
+
+
+def _state_to_dict(state: GlobalState) -> dict:
+    return {"adapters": state.adapters, "head": state.head, "merged": state.merged}
+
+
+def _state_from_dict(d: dict) -> GlobalState:
+    pairs = lambda m: {k: tuple(v) for k, v in m.items()}  # noqa: E731
+    return GlobalState(pairs(d["adapters"]), d["head"], pairs(d["merged"]))
+
+
+def histogram_figure(histogram: Tensor):
+    """Clients (rows) by classes (columns), colour = share of the client's examples."""
+    from matplotlib.figure import Figure
+
+    clients, classes = histogram.shape
+    share = histogram.double() / histogram.sum(1, keepdim=True).clamp_min(1)
+    figure = Figure(figsize=(1.5 + 0.3 * classes, 1.0 + 0.25 * min(clients, 100)))
+    axes = figure.subplots()
+    image = axes.imshow(share.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    axes.set_xlabel("class")
+    axes.set_ylabel("client")
+    figure.colorbar(image, ax=axes, fraction=0.046, label="share of the client's examples")
+    figure.tight_layout()
+    return figure

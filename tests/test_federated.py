@@ -1,0 +1,216 @@
+"""End-to-end federated runs of ``plan fit`` on a tiny random model: rounds, aggregation, faults, resume, DDP,
+heterogeneous ranks and bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from plan.aggregation import ClientUpdate, client_weights, flexlora, ideal_update, make_rule
+from plan.cli import run_cli
+
+RULE_CALLBACK = "trainer__callbacks"
+
+
+def fit(config, *extra: str):
+    return run_cli(["fit", "--config", str(config), *extra])
+
+
+def rounds_callback(**init_args) -> list[dict]:
+    return [{"class_path": "plan.callbacks.FederatedRounds", "init_args": {"aggregation": "fedit", **init_args}}]
+
+
+def slots(checkpoint: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The global adapters in a checkpoint's model state, by LoRA layer name."""
+    state = checkpoint["state_dict"]
+    names = sorted(k[len("backbone.") : -len(".lora_A")] for k in state if k.endswith(".lora_A"))
+    return {n: (state[f"backbone.{n}.lora_A"], state[f"backbone.{n}.lora_B"]) for n in names}
+
+
+def client_updates(checkpoint: dict) -> list[ClientUpdate]:
+    stored = checkpoint["callbacks"]["FederatedRounds"]["clients"]
+    return [ClientUpdate(d["client"], d["num_samples"], {k: tuple(v) for k, v in d["adapters"].items()}, d["head"]) for d in stored.values()]
+
+
+def test_fit_runs_rounds_and_logs_accuracy_traffic_and_partition(tiny_fed):
+    fit(tiny_fed.config(data__init_args__rounds=4))
+    names = sorted(p.name for p in tiny_fed.checkpoints().iterdir())
+    assert names == ["last.ckpt"] + [f"round-epoch={r}.ckpt" for r in range(4)]
+    events = EventAccumulator(str(tiny_fed.root / "run" / "tiny" / "v"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    accuracy = [e.value for e in events.Scalars("fed/acc")]
+    assert [e.step for e in events.Scalars("fed/acc")] == [1, 2, 3, 4]
+    assert accuracy[-1] > 2 / 6, accuracy  # chance is 1/6
+    # FedIT sends r (d_in + d_out) floats per layer each way, plus the head (32 x 6 + 6), 4 bytes each, 4 clients.
+    per_client = 4 * (4 * 4 * (32 + 32) + 32 * 6 + 6)
+    assert [e.value for e in events.Scalars("fed/bytes_up")] == [4 * per_client] * 4
+    assert [e.value for e in events.Scalars("fed/bytes_down")] == [4 * per_client] * 4
+    assert "fed/label_histogram" in events.Tags()["images"]
+
+
+@pytest.mark.parametrize("rule", ["fedit", "ffa_lora", "flexlora", "flora"])
+def test_the_global_adapter_is_the_rule_applied_to_the_round_uploads(tiny_fed, rule):
+    """After one round the model holds exactly what the pure rule makes of the stored client uploads."""
+    fit(tiny_fed.config(**{RULE_CALLBACK: rounds_callback(aggregation=rule)}), "--trainer.max_epochs", "1")
+    checkpoint = tiny_fed.last()
+    updates = sorted(client_updates(checkpoint), key=lambda u: u.client)
+    assert len(updates) == 4
+    model = slots(checkpoint)
+    scale = 8 / 4
+    state = make_rule(rule).aggregate(updates, None, scale, 4) if rule != "ffa_lora" else None
+    for name, (a, b) in model.items():
+        if rule == "fedit":
+            torch.testing.assert_close((a, b), state.adapters[name], rtol=0, atol=1e-7)
+        elif rule == "ffa_lora":  # A never moved; B is the weighted average, so the update is exactly the ideal one
+            assert all(torch.equal(u.adapters[name][0], a) for u in updates)
+            torch.testing.assert_close(scale * (b.double() @ a.double()), ideal_update(updates, name, scale), rtol=0, atol=1e-6)
+        elif rule == "flexlora":
+            torch.testing.assert_close((a, b), flexlora(updates, 4).adapters[name], rtol=0, atol=1e-6)
+        else:  # FLoRA: the exact update went into the frozen stack and the slot restarted with B = 0
+            past_A = checkpoint["state_dict"][f"backbone.{name}.past_A"]
+            past_B = checkpoint["state_dict"][f"backbone.{name}.past_B"]
+            torch.testing.assert_close(past_B.double() @ past_A.double(), ideal_update(updates, name, scale), rtol=0, atol=1e-6)
+            assert not b.any()
+    head = checkpoint["state_dict"]["head.weight"]
+    p = client_weights(updates).tolist()
+    torch.testing.assert_close(head, sum(w * u.head["weight"] for w, u in zip(p, updates)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["fedit", "flora", "lora_fair"])
+def test_resume_after_a_round_matches_the_uninterrupted_run(tiny_fed, rule):
+    aggregation = {"class_path": "plan.aggregation.LoRAFAIR", "init_args": {"steps": 50}} if rule == "lora_fair" else rule
+    callbacks = rounds_callback(aggregation=aggregation, dropout_prob=0.2)
+    fit(tiny_fed.config("full", **{RULE_CALLBACK: callbacks}))
+    fit(tiny_fed.config("part", **{RULE_CALLBACK: callbacks}), "--trainer.max_epochs", "1")
+    fit(tiny_fed.config("part", **{RULE_CALLBACK: callbacks}), "--ckpt_path", str(tiny_fed.checkpoints("part") / "round-epoch=0.ckpt"))
+    full, part = tiny_fed.last("full"), tiny_fed.last("part")
+    assert full["state_dict"].keys() == part["state_dict"].keys()
+    for key in full["state_dict"]:
+        torch.testing.assert_close(part["state_dict"][key], full["state_dict"][key], rtol=0, atol=0)
+    server_part, server_full = part["callbacks"]["FederatedRounds"], full["callbacks"]["FederatedRounds"]
+    assert {k: server_part[k] for k in ("rule", "seed", "rounds_closed")} == {k: server_full[k] for k in ("rule", "seed", "rounds_closed")}
+    torch.testing.assert_close((server_part["global"], server_part["clients"]), (server_full["global"], server_full["clients"]), rtol=0, atol=0)
+
+
+def test_a_hundred_clients_keep_one_adapter_each_on_the_cpu(tiny_fed):
+    source = {"class_path": "plan.datamodules.SyntheticSource", "init_args": {"num_classes": 6, "train_per_class": 200}}
+    config = tiny_fed.config(
+        data__init_args__source=source,
+        data__init_args__num_clients=100,
+        data__init_args__clients_per_round=None,
+        data__init_args__client_fraction=0.1,
+        data__init_args__rounds=2,
+    )
+    cli = fit(config)
+    datamodule, driver = cli.trainer.datamodule, cli.trainer.callbacks[0]
+    sampled = {k for r in range(2) for k in datamodule.sampled_clients(r)}
+    assert len(datamodule.sampled_clients(0)) == 10 and sorted(driver.clients) == sorted(sampled)
+    assert sum(datamodule.client_sizes) == 1200 and min(datamodule.client_sizes) >= 2
+    one_adapter = sum(p.numel() for layer in cli.model.lora_layers.values() for p in (layer.lora_A, layer.lora_B))
+    for update in driver.clients.values():
+        assert sum(a.numel() + b.numel() for a, b in update.adapters.values()) == one_adapter
+        assert all(t.device.type == "cpu" for pair in update.adapters.values() for t in pair)
+
+
+def test_client_sampling_and_partition_are_seeded(tiny_fed):
+    a = run_cli(["--config", str(tiny_fed.config("a"))], run=False).datamodule
+    b = run_cli(["--config", str(tiny_fed.config("b"))], run=False).datamodule
+    c = run_cli(["--config", str(tiny_fed.config("c", data__init_args__seed=1))], run=False).datamodule
+    for dm in (a, b, c):
+        dm.setup("fit")
+    assert a.client_indices == b.client_indices and a.client_indices != c.client_indices
+    assert [a.sampled_clients(r) for r in range(5)] == [b.sampled_clients(r) for r in range(5)]
+    assert len({tuple(a.sampled_clients(r)) for r in range(5)}) > 1
+
+
+class PoisonClient(Callback):
+    """Writes NaN into the LoRA slot during one client's local training (after each of its steps)."""
+
+    def __init__(self, client: int) -> None:
+        self.client = client
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if int(batch["client"][0]) == self.client and trainer.current_epoch == 0:
+            with torch.no_grad():
+                next(iter(pl_module.lora_layers.values())).lora_B.fill_(float("nan"))
+
+
+def test_a_nan_client_is_excluded_and_the_round_goes_on(tiny_fed):
+    cli = run_cli(["--config", str(tiny_fed.config()), "--trainer.max_epochs", "1"], run=False)
+    victim = cli.datamodule.sampled_clients(0)[1]
+    cli.trainer.callbacks.insert(0, PoisonClient(victim))
+    with pytest.warns(UserWarning, match=f"round 0: client {victim} excluded: NaN/Inf in its update"):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    driver = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "FederatedRounds")
+    assert driver.last_round["aggregated"] == 3 and driver.last_round["excluded"] == 1
+    assert all(torch.isfinite(t).all() for pair in driver.global_state.adapters.values() for t in pair)
+
+
+def test_dropped_clients_are_excluded_and_a_round_with_no_reply_keeps_the_old_adapters(tiny_fed):
+    with pytest.warns(UserWarning, match="every client failed"):
+        fit(tiny_fed.config(**{RULE_CALLBACK: rounds_callback(dropout_prob=0.999)}))
+    for _, b in slots(tiny_fed.last()).values():
+        assert not b.any()  # B starts at zero and no round ever aggregated anything
+    with pytest.warns(UserWarning, match="excluded: dropped out"):
+        fit(tiny_fed.config("half", **{RULE_CALLBACK: rounds_callback(dropout_prob=0.5)}))
+
+
+def test_heterogeneous_ranks_under_flora(tiny_fed):
+    cli = fit(tiny_fed.config(**{RULE_CALLBACK: rounds_callback(aggregation="flora", client_ranks=[4, 2, 1])}))
+    driver = cli.trainer.callbacks[0]
+    for client, update in driver.clients.items():
+        rank = [4, 2, 1][client % 3]
+        assert all(a.shape[0] == rank and b.shape[1] == rank for a, b in update.adapters.values())
+    stacked = sum([4, 2, 1][k % 3] for r in range(3) for k in cli.datamodule.sampled_clients(r))
+    for layer in cli.model.lora_layers.values():
+        assert layer.past_rank == min(stacked, 32)  # every round's stack merged; never wider than the layer
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"data__init_args__num_clients": 1000}, r"1000 clients .* but the training split has 96"),
+        ({"data__init_args__alpha": 0.0}, r"alpha must be > 0.*got 0.0"),
+        ({RULE_CALLBACK: rounds_callback(aggregation="fedavg")}, r"unknown aggregation rule 'fedavg'"),
+        ({RULE_CALLBACK: rounds_callback(aggregation="ffa_lora", train_A=True)}, r"'ffa_lora' keeps A frozen.*train_A=True"),
+        ({RULE_CALLBACK: rounds_callback(client_ranks=[4, 2])}, r"'fedit' needs every client at one rank, but client_ranks=\[4, 2\]"),
+        ({RULE_CALLBACK: rounds_callback(aggregation="flora", client_ranks=[8])}, r"client_ranks \[8\] do not fit the model's LoRA rank 4"),
+    ],
+)
+def test_bad_federated_input_is_named(tiny_fed, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        fit(tiny_fed.config(**overrides))
+
+
+def test_checkpoints_do_not_cross_scenarios(tiny_fed, tiny):
+    fit(tiny.config("continual"), "--trainer.max_epochs", "1")
+    fit(tiny_fed.config("federated"), "--trainer.max_epochs", "1")
+    with pytest.raises(ValueError, match="not written by a federated run"):
+        fit(tiny_fed.config("federated"), "--ckpt_path", str(tiny.checkpoints("continual") / "last.ckpt"))
+    with pytest.raises(ValueError, match="not written by a continual-learning run"):
+        fit(tiny.config("continual"), "--ckpt_path", str(tiny_fed.checkpoints("federated") / "last.ckpt"))
+    with pytest.raises(ValueError, match="different federation.*num_clients"):
+        fit(tiny_fed.config("other", data__init_args__num_clients=5), "--ckpt_path", str(tiny_fed.checkpoints("federated") / "last.ckpt"))
+
+
+def test_ddp_shards_clients_and_aggregates_like_one_process(tiny_fed):
+    """2 CPU processes (gloo) train different clients without all-reducing gradients, gather the uploads at the
+    round end, and end with the single process's global adapters."""
+    callbacks = rounds_callback(aggregation="lora_fair", dropout_prob=0.2)
+    callbacks[0]["init_args"]["aggregation"] = {"class_path": "plan.aggregation.LoRAFAIR", "init_args": {"steps": 50}}
+    fit(tiny_fed.config("single", **{RULE_CALLBACK: callbacks}))
+    config = tiny_fed.config("ddp", trainer__strategy="ddp", trainer__devices=2, **{RULE_CALLBACK: callbacks})
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    plan = shutil.which("plan") or f"{sys.executable} -m plan.cli"
+    result = subprocess.run([*plan.split(), "fit", "--config", str(config)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, ddp = tiny_fed.last("single"), tiny_fed.last("ddp")
+    for key, value in single["state_dict"].items():
+        torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-5, atol=1e-6)
+    assert sorted(ddp["callbacks"]["FederatedRounds"]["clients"]) == sorted(single["callbacks"]["FederatedRounds"]["clients"])
