@@ -9,20 +9,25 @@ one model.
 
 from __future__ import annotations
 
-import os
-
 import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from plan.aggregation import AggregationRule, ClientUpdate, GlobalState, make_rule, screen_updates
+from plan.aggregation import (
+    AggregationRule,
+    ClientUpdate,
+    GlobalState,
+    make_rule,
+    screen_updates,
+)
+from plan.callbacks.sequencer import bind_epochs_to_stages, run_seed
 from plan.datamodules.federated import IDLE_CLIENT
 
 
@@ -53,7 +58,7 @@ class FederatedRounds(Callback):
         if train_A and not self.rule.trains_A:
             raise ValueError(
                 f"aggregation {self.rule.name!r} keeps A frozen at its shared init (that is what makes it exact); "
-                f"train_A=True contradicts it: drop train_A or choose a rule that trains A ({', '.join(r for r in ('fedit', 'lora_fair', 'flexlora', 'flora'))})"
+                "train_A=True contradicts it: drop train_A or choose a rule that trains A (fedit, lora_fair, flexlora, flora)"
             )
         if not 0 <= dropout_prob < 1:
             raise ValueError(f"dropout_prob must be in [0, 1), got {dropout_prob}")
@@ -75,18 +80,10 @@ class FederatedRounds(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.seed is None:
-            self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            self.seed = run_seed()
         if stage != "fit":
             return
-        datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "sampled_clients"):
-            raise ValueError("FederatedRounds needs a federated datamodule such as plan.datamodules.FederatedDataModule")
-        if trainer.reload_dataloaders_every_n_epochs != 1:
-            raise ValueError(f"FederatedRounds needs trainer.reload_dataloaders_every_n_epochs=1 (one epoch = one round), got {trainer.reload_dataloaders_every_n_epochs}")
-        if trainer.max_epochs in (None, -1):
-            trainer.fit_loop.max_epochs = datamodule.num_stages
-        elif trainer.max_epochs > datamodule.num_stages:
-            raise ValueError(f"trainer.max_epochs={trainer.max_epochs} exceeds the {datamodule.num_stages} rounds; use at most {datamodule.num_stages} (or -1 for all)")
+        bind_epochs_to_stages(trainer, self, "sampled_clients", "round", "plan.datamodules.FederatedDataModule")
         rank = pl_module.lora_config.rank
         ranks = self.client_ranks or [rank]
         bad = [r for r in ranks if not 1 <= r <= rank]
@@ -185,7 +182,7 @@ class FederatedRounds(Callback):
             rank_zero_warn(f"round {round_index}: client {client} excluded: {reason}")
         start, rank = self.global_state, pl_module.lora_config.rank
         if kept:
-            state = self.rule.aggregate(kept, start, pl_module.lora_layers[next(iter(pl_module.lora_layers))].scale, rank)
+            state = self.rule.aggregate(kept, start, pl_module.lora_config.scale, rank)
         else:
             rank_zero_warn(f"round {round_index}: every client failed ({len(excluded)} excluded); the global adapters stay as they were")
             state = start
@@ -197,7 +194,7 @@ class FederatedRounds(Callback):
                 layer.reset_slot(generator)
             state.adapters = self._read_slots(pl_module)
         self._load(pl_module, state)
-        element = pl_module.lora_layers[next(iter(pl_module.lora_layers))].lora_A.element_size()
+        element = pl_module.slot_parameters()[0].element_size()
         sampled = trainer.datamodule.sampled_clients(round_index)
         self.last_round = {
             "round": round_index,

@@ -11,6 +11,30 @@ from lightning.pytorch.callbacks import Callback
 ADAPTER_MODES = ("stacked", "shared")
 
 
+def run_seed() -> int:
+    """The run's ``seed_everything`` value (0 if none was set): the default base seed of the drivers."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def bind_epochs_to_stages(trainer: pl.Trainer, driver: Callback, needs: str, unit: str, example: str) -> None:
+    """Check that the trainer runs one epoch per stage (task or round) of its datamodule, and default
+    ``max_epochs`` to the number of stages. ``needs`` is an attribute only the right datamodule has."""
+    name = type(driver).__name__
+    datamodule = trainer.datamodule
+    if datamodule is None or not hasattr(datamodule, needs):
+        raise ValueError(f"{name} needs a datamodule such as {example}")
+    if trainer.reload_dataloaders_every_n_epochs != 1:
+        raise ValueError(
+            f"{name} needs trainer.reload_dataloaders_every_n_epochs=1 (one epoch = one {unit}), "
+            f"got {trainer.reload_dataloaders_every_n_epochs}"
+        )
+    stages = datamodule.num_stages
+    if trainer.max_epochs in (None, -1):
+        trainer.fit_loop.max_epochs = stages
+    elif trainer.max_epochs > stages:
+        raise ValueError(f"trainer.max_epochs={trainer.max_epochs} exceeds the {stages} {unit}s; use at most {stages} (or -1 for all)")
+
+
 class TaskCallback(Callback):
     """A method callback: besides Lightning's hooks it hears the task events of :class:`TaskSequencer`."""
 
@@ -46,22 +70,9 @@ class TaskSequencer(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.seed is None:
-            self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        if stage != "fit":
-            return
-        datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "num_stages"):
-            raise ValueError("TaskSequencer needs a task-sequence datamodule such as plan.datamodules.TaskSequenceDataModule")
-        if trainer.reload_dataloaders_every_n_epochs != 1:
-            raise ValueError(
-                f"TaskSequencer needs trainer.reload_dataloaders_every_n_epochs=1 (one epoch = one task), "
-                f"got {trainer.reload_dataloaders_every_n_epochs}"
-            )
-        stages = datamodule.num_stages
-        if trainer.max_epochs in (None, -1):
-            trainer.fit_loop.max_epochs = stages
-        elif trainer.max_epochs > stages:
-            raise ValueError(f"trainer.max_epochs={trainer.max_epochs} exceeds the {stages} tasks of the sequence; use at most {stages} (or -1 for all)")
+            self.seed = run_seed()
+        if stage == "fit":
+            bind_epochs_to_stages(trainer, self, "tasks_seen", "task", "plan.datamodules.TaskSequenceDataModule")
 
     def _task_callbacks(self, trainer: pl.Trainer) -> list[TaskCallback]:
         return [cb for cb in trainer.callbacks if isinstance(cb, TaskCallback)]

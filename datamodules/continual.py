@@ -101,6 +101,28 @@ class EncodedExamples(Dataset):
         return item
 
 
+def load_splits(source: DataSource) -> tuple[Examples, Examples]:
+    """The source's train and test splits; an empty one is an error that names the source."""
+    train, test = source.load("train"), source.load("test")
+    for name, split in (("train", train), ("test", test)):
+        if len(split) == 0:
+            raise ValueError(f"source {source.describe()} gave an empty {name} split")
+    return train, test
+
+
+def tokenizer_for(examples: Examples, name: str) -> tuple[object | None, int]:
+    """The tokenizer text inputs need (None for images) and the id it pads with (0 if it has none)."""
+    if isinstance(examples.inputs, Tensor):
+        return None, 0
+    tokenizer = load_tokenizer(name)
+    return tokenizer, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def eval_shard(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """This rank's contiguous share of an evaluation set: unpadded, so counts summed over ranks are exact."""
+    return indices[rank * len(indices) // world_size : (rank + 1) * len(indices) // world_size]
+
+
 def encode_examples(examples: Examples, class_id: dict[str, int], tokenizer, max_length: int) -> EncodedExamples:
     """Token ids and attention masks (text, truncated to ``max_length``) or pixel values (images), with each
     example's class name mapped to its global id."""
@@ -240,10 +262,7 @@ class TaskSequenceDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.layout is not None:
             return
-        train, test = self.source.load("train"), self.source.load("test")
-        for name, split in (("train", train), ("test", test)):
-            if len(split) == 0:
-                raise ValueError(f"source {self.source.describe()} gave an empty {name} split")
+        train, test = load_splits(self.source)
         classes = sorted(set(train.labels))
         if self.scenario == "domain_incremental":
             if train.domains is None:
@@ -251,9 +270,7 @@ class TaskSequenceDataModule(pl.LightningDataModule):
             self.layout = domain_incremental_layout(classes, train.domains, self.domains)
         else:
             self.layout = class_incremental_layout(classes, self.scenario, self.classes_per_task, self.tasks, self.class_order_seed)
-        tokenizer = None if isinstance(train.inputs, Tensor) else load_tokenizer(self.tokenizer_name)
-        if tokenizer is not None and tokenizer.pad_token_id is not None:
-            self.pad_id = tokenizer.pad_token_id
+        tokenizer, self.pad_id = tokenizer_for(train, self.tokenizer_name)
         self._splits = {"train": self._encode(train, tokenizer), "test": self._encode(test, tokenizer)}
 
     def _encode(self, examples: Examples, tokenizer) -> tuple[EncodedExamples, list[list[int]]]:
@@ -283,9 +300,8 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         if shuffle:
             sampler = ShardedBatchSampler(indices, batch_size, seed, passes, True, rank, world)
-        else:  # evaluation: contiguous, unpadded shards so that summed counts are exact
-            shard = indices[rank * len(indices) // world : (rank + 1) * len(indices) // world]
-            sampler = ShardedBatchSampler(shard, batch_size, seed, passes, False)
+        else:
+            sampler = ShardedBatchSampler(eval_shard(indices, rank, world), batch_size, seed, passes, False)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=partial(collate, pad_id=self.pad_id), num_workers=self.num_workers)
 
     @property

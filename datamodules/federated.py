@@ -16,13 +16,21 @@ from functools import partial
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from plan.datamodules.continual import EncodedExamples, ShardedBatchSampler, TaskLayout, collate, encode_examples
+from plan.datamodules.continual import (
+    EncodedExamples,
+    ShardedBatchSampler,
+    TaskLayout,
+    collate,
+    encode_examples,
+    eval_shard,
+    load_splits,
+    tokenizer_for,
+)
 from plan.datamodules.sources import DataSource
-from plan.models import EMBEDDED_MINILM, load_tokenizer
+from plan.models import EMBEDDED_MINILM
 from plan.partition import PARTITIONS, label_histogram, partition
 
 
@@ -227,10 +235,7 @@ class FederatedDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.layout is not None:
             return
-        train, test = self.source.load("train"), self.source.load("test")
-        for name, split in (("train", train), ("test", test)):
-            if len(split) == 0:
-                raise ValueError(f"source {self.source.describe()} gave an empty {name} split")
+        train, test = load_splits(self.source)
         classes = sorted(set(train.labels))
         class_id = {name: i for i, name in enumerate(classes)}
         unknown = sorted(set(test.labels) - set(classes))
@@ -247,9 +252,7 @@ class FederatedDataModule(pl.LightningDataModule):
             domains=train.domains,
             min_size=self.min_client_size,
         )
-        tokenizer = None if isinstance(train.inputs, Tensor) else load_tokenizer(self.tokenizer_name)
-        if tokenizer is not None and tokenizer.pad_token_id is not None:
-            self.pad_id = tokenizer.pad_token_id
+        tokenizer, self.pad_id = tokenizer_for(train, self.tokenizer_name)
         self._train = encode_examples(train, class_id, tokenizer, self.max_length)
         self._test = encode_examples(test, class_id, tokenizer, self.max_length)
 
@@ -272,9 +275,7 @@ class FederatedDataModule(pl.LightningDataModule):
 
     def _eval_loader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        indices = list(range(len(self._test)))
-        shard = indices[rank * len(indices) // world : (rank + 1) * len(indices) // world]
-        sampler = ShardedBatchSampler(shard, self.eval_batch_size, 0, shuffle=False)
+        sampler = ShardedBatchSampler(eval_shard(list(range(len(self._test))), rank, world), self.eval_batch_size, 0, shuffle=False)
         return DataLoader(self._test, batch_sampler=sampler, collate_fn=partial(collate, pad_id=self.pad_id), num_workers=self.num_workers)
 
     # -- checkpoints --------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ FlexLoRA    rank-r truncated SVD of ``sum p_k B_k A_k``                 no (trun
 FLoRA       stack ``[B_1..B_K] [p_1 A_1; ..; p_K A_K]``, merged; re-init yes         no
 =========== ========================================================== =========== ===============
 
-Every function works in factored form: no ``d_out x d_in`` matrix is formed except in :func:`ideal_update`,
-which exists to check the others. Sources of each rule's equations: ``shared/specs/fl_methods.md``.
+Every function works in factored form: the SVDs run on a core of size at most ``min(d_out, m) x min(d_in, m)``
+for ``m = sum_k r_k``, and only :func:`ideal_update`, which exists to check the others, forms the dense
+``d_out x d_in`` update. Sources of each rule's equations: ``shared/specs/fl_methods.md``.
 """
 
 from __future__ import annotations
@@ -129,29 +130,28 @@ def ffa_lora(updates: list[ClientUpdate], shared_A: dict[str, Tensor]) -> Global
     return GlobalState(adapters, average_head(updates, p))
 
 
-def fair_cosine(a_stk: Tensor, b_stk: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """Cosine between ``B_stk A_stk`` and ``B A`` (batched over leading dims) in factored form:
-    ``<B_stk A_stk, B A> = sum((B_stk^T B) * (A_stk A^T))``, ``||B A||^2 = sum((B^T B) * (A A^T))``."""
-    t = lambda m: m.transpose(-1, -2)  # noqa: E731
-    inner = ((t(b_stk) @ b) * (a_stk @ t(a))).sum((-1, -2))
-    norm_c = ((t(b) @ b) * (a @ t(a))).sum((-1, -2))
-    norm_t = ((t(b_stk) @ b_stk) * (a_stk @ t(a_stk))).sum((-1, -2))
-    return inner / (norm_c * norm_t).clamp_min(1e-300).sqrt()
-
-
 def fair_correction(
     a_stk: Tensor, b_stk: Tensor, a_bar: Tensor, b_bar: Tensor, lam: float = 0.01, steps: int = 1000, lr: float = 0.01
 ) -> Tensor:
     """LoRA-FAIR's server residual: ``dB* = argmin 1 - cos(B_stk A_stk, (B_bar + dB) A_bar) + lam ||dB||^2``
     by plain SGD from ``dB = 0`` (the reimplementations' lr 0.01, 1000 steps). Layers of one shape may be
-    batched along a leading dimension; each layer's loss is independent of the others'."""
+    batched along a leading dimension; each layer's loss is independent of the others'.
+
+    ``A_bar`` is fixed, so the target ``T = B_stk A_stk`` enters the loss only through ``T A_bar^T`` (d x r)
+    and ``||T||``, both computed once: each SGD step then costs O(d r^2), whatever the number of clients."""
+    t = lambda m: m.transpose(-1, -2)  # noqa: E731
     a_stk, b_stk, a_bar, b_bar = (m.detach().double() for m in (a_stk, b_stk, a_bar, b_bar))
+    target = b_stk @ (a_stk @ t(a_bar))
+    gram = a_bar @ t(a_bar)
+    target_norm = ((t(b_stk) @ b_stk) * (a_stk @ t(a_stk))).sum((-1, -2)).clamp_min(1e-300).sqrt()
     delta = torch.zeros_like(b_bar, requires_grad=True)
     optimizer = torch.optim.SGD([delta], lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad()
-            loss = (1 - fair_cosine(a_stk, b_stk, a_bar, b_bar + delta) + lam * delta.pow(2).sum((-1, -2))).sum()
+            b = b_bar + delta
+            cosine = (b * target).sum((-1, -2)) / (((t(b) @ b) * gram).sum((-1, -2)).clamp_min(1e-300).sqrt() * target_norm)
+            loss = (1 - cosine + lam * delta.pow(2).sum((-1, -2))).sum()
             loss.backward()
             optimizer.step()
     return delta.detach()
@@ -369,7 +369,6 @@ __all__ = [
     "compress_factors",
     "factored_svd",
     "fair_correction",
-    "fair_cosine",
     "fedit",
     "ffa_lora",
     "flexlora",

@@ -14,7 +14,6 @@ from plan.aggregation import (
     client_weights,
     compress_factors,
     fair_correction,
-    fair_cosine,
     fedit,
     ffa_lora,
     flexlora,
@@ -114,13 +113,6 @@ def test_flexlora_error_is_the_eckart_young_tail():
         assert error.item() == pytest.approx((sigma[rank:] ** 2).sum().item(), rel=1e-9, abs=1e-15)
     a, b = flexlora(updates, 10).adapters["layer"]  # rank >= sum of client ranks: nothing is truncated
     torch.testing.assert_close(SCALE * product(a, b), ideal, rtol=0, atol=1e-12)
-
-
-def test_fair_cosine_matches_the_dense_cosine():
-    updates = make_updates()
-    a_stk, b_stk = stacked_factors(updates, "layer", client_weights(updates))
-    a, b = torch.randn(3, D_IN, dtype=torch.float64), torch.randn(D_OUT, 3, dtype=torch.float64)
-    assert fair_cosine(a_stk, b_stk, a, b).item() == pytest.approx(cosine(b_stk @ a_stk, b @ a), rel=1e-12)
 
 
 def test_lora_fair_moves_closer_to_the_ideal_than_fedit():

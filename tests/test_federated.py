@@ -40,7 +40,8 @@ def client_updates(checkpoint: dict) -> list[ClientUpdate]:
 
 
 def test_fit_runs_rounds_and_logs_accuracy_traffic_and_partition(tiny_fed):
-    fit(tiny_fed.config(data__init_args__rounds=4))
+    config = tiny_fed.config(data__init_args__rounds=4)
+    fit(config)
     names = sorted(p.name for p in tiny_fed.checkpoints().iterdir())
     assert names == ["last.ckpt"] + [f"round-epoch={r}.ckpt" for r in range(4)]
     events = EventAccumulator(str(tiny_fed.root / "run" / "tiny" / "v"), size_guidance={"scalars": 0, "images": 0}).Reload()
@@ -52,6 +53,8 @@ def test_fit_runs_rounds_and_logs_accuracy_traffic_and_partition(tiny_fed):
     assert [e.value for e in events.Scalars("fed/bytes_up")] == [4 * per_client] * 4
     assert [e.value for e in events.Scalars("fed/bytes_down")] == [4 * per_client] * 4
     assert "fed/label_histogram" in events.Tags()["images"]
+    validate = run_cli(["validate", "--config", str(config), "--ckpt_path", str(tiny_fed.checkpoints() / "last.ckpt")])
+    assert validate.trainer.callback_metrics["val/acc"].item() == pytest.approx(accuracy[-1], abs=1e-6)
 
 
 @pytest.mark.parametrize("rule", ["fedit", "ffa_lora", "flexlora", "flora"])
@@ -129,6 +132,23 @@ def test_client_sampling_and_partition_are_seeded(tiny_fed):
     assert len({tuple(a.sampled_clients(r)) for r in range(5)}) > 1
 
 
+@pytest.mark.parametrize("kind, extra", [("iid", {}), ("shards", {"shards_per_client": 1}), ("domain", {"alpha": None})])
+def test_every_partition_reaches_the_clients(tiny_fed, kind, extra):
+    source = {"class_path": "plan.datamodules.SyntheticSource", "init_args": {"num_classes": 6, "num_domains": 3}}
+    config = tiny_fed.config(data__init_args__source=source, data__init_args__partition=kind, **{f"data__init_args__{k}": v for k, v in extra.items()})
+    datamodule = run_cli(["--config", str(config)], run=False).datamodule
+    datamodule.setup("fit")
+    train = datamodule.source.load("train")
+    assert sorted(i for c in datamodule.client_indices for i in c) == list(range(len(train)))
+    histogram = datamodule.label_histogram()
+    if kind == "iid":
+        assert max(datamodule.client_sizes) - min(datamodule.client_sizes) <= 1
+    if kind == "shards":  # 6 shards of 48 examples over 6 classes of 48: one class per client
+        assert ((histogram > 0).sum(1) == 1).all()
+    if kind == "domain":
+        assert all(len({train.domains[i] for i in c}) == 1 for c in datamodule.client_indices)
+
+
 class PoisonClient(Callback):
     """Writes NaN into the LoRA slot during one client's local training (after each of its steps)."""
 
@@ -186,6 +206,16 @@ def test_heterogeneous_ranks_under_flora(tiny_fed):
 def test_bad_federated_input_is_named(tiny_fed, overrides, message):
     with pytest.raises(ValueError, match=message):
         fit(tiny_fed.config(**overrides))
+
+
+def test_drivers_refuse_the_other_scenario_and_too_many_epochs(tiny_fed, tiny):
+    sequencer = [{"class_path": "plan.callbacks.TaskSequencer"}]
+    with pytest.raises(ValueError, match="TaskSequencer needs a datamodule such as plan.datamodules.TaskSequenceDataModule"):
+        fit(tiny_fed.config(**{RULE_CALLBACK: sequencer}))
+    with pytest.raises(ValueError, match="FederatedRounds needs a datamodule such as plan.datamodules.FederatedDataModule"):
+        fit(tiny.config(trainer__callbacks=rounds_callback()))
+    with pytest.raises(ValueError, match="max_epochs=4 exceeds the 3 rounds"):
+        fit(tiny_fed.config(), "--trainer.max_epochs", "4")
 
 
 def test_checkpoints_do_not_cross_scenarios(tiny_fed, tiny):

@@ -1,0 +1,223 @@
+"""Federated LoRA on the embedded 20 Newsgroups + MiniLM: accuracy per rule, simulation overhead, memory, server time.
+
+    python benchmarks/federated.py accuracy            # 5 rules + centralised, alpha 0.5 and 0.1, 3 seeds
+    python benchmarks/federated.py overhead            # a round's time / the same local steps run plainly
+    python benchmarks/federated.py memory              # peak RSS and client-store bytes at 10 vs 100 clients
+    python benchmarks/federated.py server              # aggregation time per rule for 10 and 100 clients
+
+``accuracy`` runs ``plan fit`` on ``configs/federated/<rule>.yaml`` (10 clients, 5 sampled per round, 5 rounds)
+with the seed as ``seed_everything`` and partition seed and the Dirichlet alpha swapped in; one JSON line per
+run goes to ``--out`` (runs already there are skipped, so an interrupted benchmark continues) and the table
+gives the final global accuracy as mean +- std over seeds. The other commands print their ratios directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from plan.aggregation import ClientUpdate, GlobalState, make_rule
+from plan.cli import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs" / "federated"
+RULES = ["fedit", "ffa_lora", "lora_fair", "flexlora", "flora"]
+QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+class RoundRecorder(Callback):
+    """Global accuracy after each round, and the wall time of each round's training epoch (client switches and
+    aggregation included) when it is the last callback before checkpointing."""
+
+    def __init__(self) -> None:
+        self.accuracy: list[float] = []
+        self.epoch_s: list[float] = []
+        self.start = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epoch_s.append(time.perf_counter() - self.start)
+        if "val/acc" in trainer.callback_metrics:
+            self.accuracy.append(float(trainer.callback_metrics["val/acc"]))
+
+
+def fit(config: Path, *args: str) -> RoundRecorder:
+    recorder = RoundRecorder()
+    with tempfile.TemporaryDirectory() as root:
+        cli = run_cli(["--config", str(config), *QUIET, "--trainer.default_root_dir", root, *args], run=False)
+        cli.trainer.callbacks.append(recorder)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return recorder
+
+
+# -- accuracy ---------------------------------------------------------------------------------------------
+
+
+def accuracy_run(rule: str, alpha: float, seed: int) -> dict:
+    args = ["--seed_everything", str(seed), "--data.init_args.seed", str(seed)]
+    if rule != "centralised":
+        args += ["--data.init_args.alpha", str(alpha)]
+    start = time.perf_counter()
+    recorder = fit(CONFIGS / f"{rule}.yaml", *args)
+    return {"rule": rule, "alpha": alpha, "seed": seed, "acc": recorder.accuracy[-1], "curve": recorder.accuracy, "wall_s": time.perf_counter() - start}
+
+
+def accuracy(args: argparse.Namespace) -> None:
+    done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.exists() else []
+    finished = {(r["rule"], r["alpha"], r["seed"]) for r in done}
+    plan = [("centralised", 0.0, s) for s in args.seeds] + [(r, a, s) for a in args.alphas for s in args.seeds for r in args.rules]
+    for rule, alpha, seed in plan:
+        if (rule, alpha, seed) in finished:
+            continue
+        result = accuracy_run(rule, alpha, seed)
+        print(f"{rule} alpha {alpha} seed {seed}: acc {result['acc']:.3f} curve {[round(a, 3) for a in result['curve']]} ({result['wall_s']:.0f} s)", flush=True)
+        with args.out.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        done.append(result)
+    central = [r["acc"] for r in done if r["rule"] == "centralised"]
+    print(f"\nfinal global accuracy after 5 rounds (mean +- std over seeds); centralised LoRA: {stat(central)}")
+    print(f"{'rule':<12}" + "".join(f"{'alpha ' + str(a):>20}" for a in args.alphas))
+    for rule in args.rules:
+        cells = [stat([r["acc"] for r in done if r["rule"] == rule and r["alpha"] == a]) for a in args.alphas]
+        print(f"{rule:<12}" + "".join(f"{c:>20}" for c in cells))
+
+
+def stat(values: list[float]) -> str:
+    if not values:
+        return "-"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f}+-{spread:.3f} (n={len(values)})"
+
+
+# -- overhead ---------------------------------------------------------------------------------------------
+
+
+def overhead(args: argparse.Namespace) -> None:
+    """Each round's training epoch under the round driver against the same batches (same clients, same order,
+    same model) trained plainly by Lightning with no client switches and no aggregation. No validation."""
+    common = ["--data.init_args.rounds", str(args.rounds), "--trainer.limit_val_batches", "0", "--trainer.max_epochs", str(args.rounds)]
+    plain = ["--trainer.callbacks", "[]"]
+    times: dict[str, list[float]] = {"plain": []}
+    for trial in range(args.trials):
+        for rule in ["plain", *args.rules]:
+            config = CONFIGS / f"{'fedit' if rule == 'plain' else rule}.yaml"
+            recorder = fit(config, *common, *(plain if rule == "plain" else []))
+            times.setdefault(rule, []).extend(recorder.epoch_s)
+            print(f"trial {trial} {rule}: round times {[round(t, 2) for t in recorder.epoch_s]}", flush=True)
+    base = statistics.median(times["plain"])
+    print(f"\nplain Lightning epoch over the same batches: median {base:.2f} s ({len(times['plain'])} epochs)")
+    for rule in args.rules:
+        median = statistics.median(times[rule])
+        print(f"{rule:<12} median round {median:.2f} s   ratio to plain {median / base:.3f}")
+
+
+# -- memory -----------------------------------------------------------------------------------------------
+
+
+def memory_child(clients: int) -> None:
+    """One round in which every client takes one local step; prints peak RSS and the client store's bytes."""
+    recorder_args = [
+        "--data.init_args.num_clients", str(clients), "--data.init_args.clients_per_round", str(clients),
+        "--data.init_args.partition", "iid", "--data.init_args.local_steps", "1", "--data.init_args.rounds", "1",
+        "--trainer.limit_val_batches", "0",
+    ]  # fmt: skip
+    with tempfile.TemporaryDirectory() as root:
+        cli = run_cli(["--config", str(CONFIGS / "fedit.yaml"), *QUIET, "--trainer.default_root_dir", root, *recorder_args], run=False)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    driver = cli.trainer.callbacks[0]
+    store = sum(t.nbytes for u in driver.clients.values() for pair in u.adapters.values() for t in pair)
+    store += sum(t.nbytes for u in driver.clients.values() for t in u.head.values())
+    one = store // len(driver.clients)
+    print(json.dumps({"clients": clients, "stored": len(driver.clients), "store_bytes": store, "adapter_bytes": one,
+                      "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))  # fmt: skip
+
+
+def memory(args: argparse.Namespace) -> None:
+    rows = {}
+    for clients in (10, 100):
+        out = subprocess.run([sys.executable, __file__, "memory-child", str(clients)], capture_output=True, text=True, check=True).stdout
+        rows[clients] = json.loads(out.strip().splitlines()[-1])
+        print(rows[clients], flush=True)
+    one = rows[10]["adapter_bytes"]
+    rss = rows[100]["max_rss_bytes"] - rows[10]["max_rss_bytes"]
+    store = rows[100]["store_bytes"] - rows[10]["store_bytes"]
+    print(f"\none client's adapter + head: {one / 2**20:.3f} MiB; 90 of them: {90 * one / 2**20:.2f} MiB")
+    print(f"client store, 100 - 10 clients: {store / 2**20:.2f} MiB = {store / one:.1f} adapters")
+    print(f"peak RSS, 100 - 10 clients: {rss / 2**20:.1f} MiB = {rss / one:.1f} adapters "
+          f"(10 clients: {rows[10]['max_rss_bytes'] / 2**20:.0f} MiB, 100: {rows[100]['max_rss_bytes'] / 2**20:.0f} MiB)")  # fmt: skip
+
+
+# -- server -----------------------------------------------------------------------------------------------
+
+
+def minilm_updates(clients: int, rank: int = 8, seed: int = 0) -> list[ClientUpdate]:
+    """Random client uploads with MiniLM's shapes: 12 adapted 384 x 384 layers (query and value of 6 blocks)."""
+    g = torch.Generator().manual_seed(seed)
+    updates = []
+    for k in range(clients):
+        adapters = {f"layer{i}": (torch.randn(rank, 384, generator=g) * 0.05, torch.randn(384, rank, generator=g) * 0.01) for i in range(12)}
+        updates.append(ClientUpdate(k, 50 + k, adapters, {"weight": torch.randn(20, 384, generator=g), "bias": torch.zeros(20)}))
+    return updates
+
+
+def server(args: argparse.Namespace) -> None:
+    print(f"aggregation time (median of {args.trials}) for MiniLM's 12 adapted layers, rank 8, torch threads {torch.get_num_threads()}")
+    for clients in (10, 100):
+        updates = minilm_updates(clients)
+        start_state = GlobalState({n: (torch.zeros(8, 384), torch.zeros(384, 8)) for n in updates[0].adapters}, updates[0].head)
+        line = []
+        for rule in RULES:
+            aggregate = make_rule(rule)
+            if rule == "ffa_lora":
+                shared = {n: a for n, (a, _) in updates[0].adapters.items()}
+                current = GlobalState({n: (shared[n], torch.zeros(384, 8)) for n in shared}, start_state.head)
+                clients_ = [ClientUpdate(u.client, u.num_samples, {n: (shared[n], b) for n, (_, b) in u.adapters.items()}, u.head) for u in updates]
+            else:
+                current, clients_ = start_state, updates
+            samples = []
+            for _ in range(args.trials):
+                start = time.perf_counter()
+                aggregate.aggregate(clients_, current, 2.0, 8)
+                samples.append(time.perf_counter() - start)
+            line.append(f"{rule} {statistics.median(samples) * 1e3:.1f} ms")
+        print(f"{clients:>4} clients: " + ", ".join(line), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("accuracy")
+    p.add_argument("--rules", nargs="+", default=RULES, choices=RULES)
+    p.add_argument("--alphas", nargs="+", type=float, default=[0.5, 0.1])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "federated.jsonl")
+    p = sub.add_parser("overhead")
+    p.add_argument("--rules", nargs="+", default=RULES, choices=RULES)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--trials", type=int, default=2)
+    sub.add_parser("memory")
+    p = sub.add_parser("memory-child")
+    p.add_argument("clients", type=int)
+    p = sub.add_parser("server")
+    p.add_argument("--trials", type=int, default=3)
+    args = parser.parse_args()
+    if args.command == "memory-child":
+        memory_child(args.clients)
+    else:
+        {"accuracy": accuracy, "overhead": overhead, "memory": memory, "server": server}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
