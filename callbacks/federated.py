@@ -24,6 +24,7 @@ from plan.aggregation import (
     AggregationRule,
     ClientUpdate,
     GlobalState,
+    agreement,
     make_rule,
     screen_updates,
 )
@@ -181,8 +182,10 @@ class FederatedRounds(Callback):
         for client, reason in sorted(excluded.items()):
             rank_zero_warn(f"round {round_index}: client {client} excluded: {reason}")
         start, rank = self.global_state, pl_module.lora_config.rank
+        cosine = error = float("nan")
         if kept:
             state = self.rule.aggregate(kept, start, pl_module.lora_config.scale, rank)
+            cosine, error = agreement(kept, state, pl_module.lora_config.scale)
         else:
             rank_zero_warn(f"round {round_index}: every client failed ({len(excluded)} excluded); the global adapters stay as they were")
             state = start
@@ -203,6 +206,8 @@ class FederatedRounds(Callback):
             "excluded": len(excluded),
             "bytes_down": element * sum(self.rule.download_numel(start, self.client_rank(k, rank), round_index == 0) for k in sampled),
             "bytes_up": element * sum(self.rule.upload_numel(u) for u in replies),
+            "cosine_to_ideal": cosine,
+            "error_to_ideal": error,
         }
         self.global_state = state
         self.rounds_closed = round_index + 1
@@ -234,7 +239,7 @@ class FederatedRounds(Callback):
     def _log_round(self, trainer: pl.Trainer) -> None:
         if not trainer.is_global_zero or not self.last_round:
             return
-        metrics = {f"fed/{k}": float(v) for k, v in self.last_round.items() if k != "round"}
+        metrics = {f"fed/{k}": float(v) for k, v in self.last_round.items() if k != "round" and v == v}  # v == v: not NaN
         accuracy = trainer.callback_metrics.get("val/acc")
         if accuracy is not None:
             metrics["fed/acc"] = float(accuracy)
@@ -317,16 +322,18 @@ def _state_from_dict(d: dict) -> GlobalState:
 
 
 def histogram_figure(histogram: Tensor):
-    """Clients (rows) by classes (columns), colour = share of the client's examples."""
+    """Clients (rows) by classes (columns), colour = how many examples of the class the client holds."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     clients, classes = histogram.shape
-    share = histogram.double() / histogram.sum(1, keepdim=True).clamp_min(1)
     figure = Figure(figsize=(1.5 + 0.3 * classes, 1.0 + 0.25 * min(clients, 100)))
     axes = figure.subplots()
-    image = axes.imshow(share.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    image = axes.imshow(histogram.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     axes.set_xlabel("class")
     axes.set_ylabel("client")
-    figure.colorbar(image, ax=axes, fraction=0.046, label="share of the client's examples")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.colorbar(image, ax=axes, fraction=0.046, label="examples")
     figure.tight_layout()
     return figure

@@ -102,6 +102,32 @@ def compress_factors(a: Tensor, b: Tensor) -> Factors:
     return vh.to(a.dtype), (u * s).to(b.dtype)
 
 
+def factored_inner(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
+    """``<B1 A1, B2 A2>`` (Frobenius) as ``sum((B1^T B2) * (A1 A2^T))``, without forming either product."""
+    return ((b1.T @ b2) * (a1 @ a2.T)).sum()
+
+
+def agreement(updates: list[ClientUpdate], state: GlobalState, scale: float) -> tuple[float, float]:
+    """How close a rule's new global update is to the ideal ``s sum_k p_k B_k A_k``: the mean over layers of
+    the cosine and of the relative error ``||global - ideal|| / ||ideal||``, all in factored form. The global
+    update is the slot's ``s B A``, or for a merging rule (FLoRA) what it merged."""
+    p = client_weights(updates)
+    cosines, errors = [], []
+    for layer in updates[0].adapters:
+        a_i, b_i = stacked_factors(updates, layer, p)
+        b_i = scale * b_i
+        a_g, b_g = state.merged[layer] if state.reinit else state.adapters[layer]
+        a_g, b_g = a_g.double(), b_g.double() * (1.0 if state.reinit else scale)
+        ideal, rule, cross = factored_inner(a_i, b_i, a_i, b_i), factored_inner(a_g, b_g, a_g, b_g), factored_inner(a_i, b_i, a_g, b_g)
+        if ideal <= 0:
+            continue
+        cosines.append(float(cross / (ideal * rule).clamp_min(1e-300).sqrt()))
+        errors.append(math.sqrt(max(float(ideal + rule - 2 * cross), 0.0) / float(ideal)))
+    if not cosines:
+        return float("nan"), float("nan")
+    return sum(cosines) / len(cosines), sum(errors) / len(errors)
+
+
 # -- the rules as functions ------------------------------------------------------------------------------
 
 
@@ -365,8 +391,10 @@ __all__ = [
     "FlexLoRA",
     "GlobalState",
     "LoRAFAIR",
+    "agreement",
     "client_weights",
     "compress_factors",
+    "factored_inner",
     "factored_svd",
     "fair_correction",
     "fedit",

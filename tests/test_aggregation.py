@@ -7,6 +7,7 @@ import torch
 
 from plan.aggregation import (
     FFALoRA,
+    agreement,
     FLoRA,
     FedIT,
     ClientUpdate,
@@ -131,6 +132,22 @@ def test_lora_fair_with_a_huge_penalty_is_fedit():
     a_bar, b_bar = fedit(updates).adapters["layer"]
     delta = fair_correction(a_stk, b_stk, a_bar, b_bar, lam=1e6, steps=50, lr=1e-8)
     assert delta.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("ranks", [(3, 3, 3, 3), (4, 2, 1, 3)])
+def test_agreement_measures_each_rule_against_the_dense_ideal(ranks):
+    updates = make_updates(ranks=ranks)
+    ideal = ideal_update(updates, "layer", SCALE)
+    rules = {"flora": flora(updates, SCALE), "flexlora": flexlora(updates, 3)}
+    if len(set(ranks)) == 1:
+        rules["fedit"] = fedit(updates)
+    for name, state in rules.items():
+        a, b = state.merged["layer"] if state.reinit else state.adapters["layer"]
+        dense = product(a, b) * (1.0 if state.reinit else SCALE)
+        cos, err = agreement(updates, state, SCALE)
+        assert cos == pytest.approx(cosine(ideal, dense), abs=1e-9), name
+        assert err == pytest.approx(((dense - ideal).norm() / ideal.norm()).item(), abs=1e-7), name
+    assert agreement(updates, rules["flora"], SCALE) == pytest.approx((1.0, 0.0), abs=1e-7)
 
 
 def test_compress_factors_is_exact_and_no_wider_than_the_layer():

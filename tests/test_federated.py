@@ -53,6 +53,7 @@ def test_fit_runs_rounds_and_logs_accuracy_traffic_and_partition(tiny_fed):
     assert [e.value for e in events.Scalars("fed/bytes_up")] == [4 * per_client] * 4
     assert [e.value for e in events.Scalars("fed/bytes_down")] == [4 * per_client] * 4
     assert "fed/label_histogram" in events.Tags()["images"]
+    assert all(0 < e.value < 1 for e in events.Scalars("fed/cosine_to_ideal"))  # FedIT is inexact
     validate = run_cli(["validate", "--config", str(config), "--ckpt_path", str(tiny_fed.checkpoints() / "last.ckpt")])
     assert validate.trainer.callback_metrics["val/acc"].item() == pytest.approx(accuracy[-1], abs=1e-6)
 
@@ -83,6 +84,20 @@ def test_the_global_adapter_is_the_rule_applied_to_the_round_uploads(tiny_fed, r
     head = checkpoint["state_dict"]["head.weight"]
     p = client_weights(updates).tolist()
     torch.testing.assert_close(head, sum(w * u.head["weight"] for w, u in zip(p, updates)), rtol=0, atol=1e-6)
+
+
+def test_lora_fair_lands_closer_to_the_ideal_update_than_fedit(tiny_fed):
+    """Same seed, same round-0 clients: LoRA-FAIR's corrected B moves the global update's direction toward
+    sum_k p_k B_k A_k beyond FedIT's average; FFA-LoRA meets it exactly."""
+    measured = {}
+    for rule in ("fedit", "lora_fair", "ffa_lora"):
+        aggregation = {"class_path": "plan.aggregation.LoRAFAIR", "init_args": {"steps": 300}} if rule == "lora_fair" else rule
+        cli = fit(tiny_fed.config(rule, **{RULE_CALLBACK: rounds_callback(aggregation=aggregation)}), "--trainer.max_epochs", "1")
+        measured[rule] = cli.trainer.callbacks[0].last_round
+    assert measured["ffa_lora"]["cosine_to_ideal"] == pytest.approx(1.0, abs=1e-6)
+    assert measured["ffa_lora"]["error_to_ideal"] == pytest.approx(0.0, abs=1e-3)
+    assert measured["fedit"]["cosine_to_ideal"] < 0.9999
+    assert measured["lora_fair"]["cosine_to_ideal"] > measured["fedit"]["cosine_to_ideal"]
 
 
 @pytest.mark.parametrize("rule", ["fedit", "flora", "lora_fair"])
