@@ -158,15 +158,14 @@ def maxrss_bytes() -> int:
     return kb if sys.platform == "darwin" else kb * 1024
 
 
-def profiled_alloc_peak(runner: Runner, n_steps: int) -> int | None:
-    """Peak of live CPU tensor bytes above the level at the start, over ``n_steps`` steps run under the
-    profiler (from allocator [memory] events; the CPU analogue of ``max_memory_allocated`` - baseline)."""
+def profiled_alloc_peak(work) -> int | None:
+    """Peak of live CPU tensor bytes above the level at the start while ``work()`` runs under the profiler
+    (from allocator [memory] events; the CPU analogue of ``max_memory_allocated`` - baseline)."""
     from torch.profiler import ProfilerActivity, profile
 
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
-            for _ in range(n_steps):
-                runner.step()
+            work()
         events = [
             (ev.start_ns(), ev.nbytes())
             for ev in prof.profiler.kineto_results.events()
@@ -208,7 +207,7 @@ def measure_memory(variant: str, args: argparse.Namespace) -> dict:
         out["method"] = "torch.cuda.max_memory_allocated - allocated after load"
         return out
     if args.mem_method == "alloc":  # every step under the profiler: the first ones create grads and AdamW state
-        alloc = profiled_alloc_peak(runner, args.warmup + args.steps)
+        alloc = profiled_alloc_peak(lambda: [runner.step() for _ in range(args.warmup + args.steps)])
         out["alloc_peak_bytes"] = alloc
         out["method"] = "torch.profiler: peak live CPU tensor bytes above post-load level"
         return out
