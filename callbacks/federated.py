@@ -112,8 +112,9 @@ class FederatedRounds(Callback):
             self._load(pl_module, self.global_state)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Ranks train different clients for different numbers of steps: DDP must not all-reduce gradients or
-        # broadcast buffers during local training. Aggregation at the round end is the only exchange.
+        # Ranks train different clients: DDP must not average their gradients or broadcast buffers during
+        # local training. The round-end gather is the only exchange (the datamodule keeps the ranks' step
+        # counts equal, since Lightning also synchronises every step).
         model = trainer.strategy.model
         if isinstance(model, DistributedDataParallel):
             model.require_backward_grad_sync = False
@@ -188,7 +189,7 @@ class FederatedRounds(Callback):
             cosine, error = agreement(kept, state, pl_module.lora_config.scale)
         else:
             rank_zero_warn(f"round {round_index}: every client failed ({len(excluded)} excluded); the global adapters stay as they were")
-            state = start
+            state = GlobalState(start.adapters, start.head)  # nothing to merge again, no re-initialisation
         for name, (a, b) in state.merged.items():
             pl_module.lora_layers[name].absorb(a, b)
         if state.reinit:

@@ -165,13 +165,14 @@ def test_every_partition_reaches_the_clients(tiny_fed, kind, extra):
 
 
 class PoisonClient(Callback):
-    """Writes NaN into the LoRA slot during one client's local training (after each of its steps)."""
+    """Writes NaN into the LoRA slot during a client's local training (after each of its steps) in one round;
+    ``client=None`` poisons every client of that round."""
 
-    def __init__(self, client: int) -> None:
-        self.client = client
+    def __init__(self, client: int | None, round_index: int = 0) -> None:
+        self.client, self.round_index = client, round_index
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if int(batch["client"][0]) == self.client and trainer.current_epoch == 0:
+        if self.client in (None, int(batch["client"][0])) and trainer.current_epoch == self.round_index:
             with torch.no_grad():
                 next(iter(pl_module.lora_layers.values())).lora_B.fill_(float("nan"))
 
@@ -194,6 +195,19 @@ def test_dropped_clients_are_excluded_and_a_round_with_no_reply_keeps_the_old_ad
         assert not b.any()  # B starts at zero and no round ever aggregated anything
     with pytest.warns(UserWarning, match="excluded: dropped out"):
         fit(tiny_fed.config("half", **{RULE_CALLBACK: rounds_callback(dropout_prob=0.5)}))
+
+
+def test_a_failed_round_after_a_flora_merge_changes_nothing(tiny_fed):
+    """Round 1 has no usable reply: the stack merged in round 0 is not merged again, the slot not re-drawn."""
+    config = tiny_fed.config(**{RULE_CALLBACK: rounds_callback(aggregation="flora")})
+    cli = run_cli(["--config", str(config), "--trainer.max_epochs", "2"], run=False)
+    cli.trainer.callbacks.insert(0, PoisonClient(None, round_index=1))
+    with pytest.warns(UserWarning, match="round 1: every client failed"):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    after_round_0 = torch.load(tiny_fed.checkpoints() / "round-epoch=0.ckpt", weights_only=False)["state_dict"]
+    final = tiny_fed.last()["state_dict"]
+    for key, value in after_round_0.items():
+        torch.testing.assert_close(final[key], value, rtol=0, atol=0)
 
 
 def test_heterogeneous_ranks_under_flora(tiny_fed):
