@@ -23,6 +23,8 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
+from resumable import run_missing  # noqa: E402 - the sibling helper
+
 from plan.callbacks import ForgettingLogger
 from plan.cli import run_cli
 
@@ -137,18 +139,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "continual_methods.jsonl")
     args = parser.parse_args()
 
-    done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.exists() else []
-    finished = {(r["scenario"], r["method"], r["seed"]) for r in done}
-    for scenario in args.scenarios:
-        for seed in args.seeds:
-            for method in args.methods:
-                if (scenario, method, seed) in finished:
-                    continue
-                result = run(scenario, method, seed)
-                print(f"{scenario} {method} seed {seed}: avg_acc {result['avg_acc']:.3f} forgetting {result['forgetting']:.3f} ({result['wall_s']:.0f} s)", flush=True)
-                with args.out.open("a") as f:
-                    f.write(json.dumps(result) + "\n")
-                done.append(result)
+    jobs = [(scenario, method, seed) for scenario in args.scenarios for seed in args.seeds for method in args.methods]
+    describe = lambda r: f"{r['scenario']} {r['method']} seed {r['seed']}: avg_acc {r['avg_acc']:.3f} forgetting {r['forgetting']:.3f} ({r['wall_s']:.0f} s)"  # noqa: E731
+    done = run_missing(args.out, jobs, ("scenario", "method", "seed"), run, describe)
     print(summarise(done))
 
 

@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lora_step import profiled_alloc_peak  # noqa: E402 - the sibling benchmark's profiler helper
+from resumable import run_missing  # noqa: E402
 
 from plan.aggregation import ClientUpdate, GlobalState, make_rule
 from plan.cli import run_cli
@@ -77,17 +78,9 @@ def accuracy_run(rule: str, alpha: float, seed: int) -> dict:
 
 
 def accuracy(args: argparse.Namespace) -> None:
-    done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.exists() else []
-    finished = {(r["rule"], r["alpha"], r["seed"]) for r in done}
-    plan = [("centralised", 0.0, s) for s in args.seeds] + [(r, a, s) for a in args.alphas for s in args.seeds for r in args.rules]
-    for rule, alpha, seed in plan:
-        if (rule, alpha, seed) in finished:
-            continue
-        result = accuracy_run(rule, alpha, seed)
-        print(f"{rule} alpha {alpha} seed {seed}: acc {result['acc']:.3f} curve {[round(a, 3) for a in result['curve']]} ({result['wall_s']:.0f} s)", flush=True)
-        with args.out.open("a") as f:
-            f.write(json.dumps(result) + "\n")
-        done.append(result)
+    jobs = [("centralised", 0.0, s) for s in args.seeds] + [(r, a, s) for a in args.alphas for s in args.seeds for r in args.rules]
+    describe = lambda r: f"{r['rule']} alpha {r['alpha']} seed {r['seed']}: acc {r['acc']:.3f} curve {[round(a, 3) for a in r['curve']]} ({r['wall_s']:.0f} s)"  # noqa: E731
+    done = run_missing(args.out, jobs, ("rule", "alpha", "seed"), accuracy_run, describe)
     central = [r["acc"] for r in done if r["rule"] == "centralised"]
     print(f"\nfinal global accuracy after 5 rounds (mean +- std over seeds); centralised LoRA: {stat(central)}")
     print(f"{'rule':<12}" + "".join(f"{'alpha ' + str(a):>20}" for a in args.alphas))
