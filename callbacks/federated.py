@@ -176,7 +176,9 @@ class FederatedRounds(Callback):
                 dropped[update.client] = "dropped out (no reply)"
             else:
                 replies.append(update)
-        replies, dropped = _gather(replies, trainer), _gather_dict(dropped, trainer)
+        parts = _from_every_rank((replies, dropped), trainer)  # one collective; sorted so every rank agrees
+        replies = sorted((u for rank_replies, _ in parts for u in rank_replies), key=lambda u: u.client)
+        dropped = {k: reason for _, rank_dropped in parts for k, reason in rank_dropped.items()}
         kept, excluded = screen_updates(replies, self.global_state, self.norm_ratio)
         excluded.update(dropped)
         self.clients.update({u.client: u for u in kept})
@@ -288,21 +290,13 @@ class FederatedRounds(Callback):
         self.clients = {int(k): _update_from_dict(v) for k, v in state_dict["clients"].items()}
 
 
-def _gather(updates: list[ClientUpdate], trainer: pl.Trainer) -> list[ClientUpdate]:
-    """Every rank's client updates on every rank, sorted by client so that all ranks aggregate identically."""
+def _from_every_rank(obj, trainer: pl.Trainer) -> list:
+    """``obj`` as every rank has it (``[obj]`` in a single process)."""
     if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
         parts: list = [None] * trainer.world_size
-        dist.all_gather_object(parts, [_update_to_dict(u) for u in updates])
-        updates = [_update_from_dict(d) for part in parts for d in part]
-    return sorted(updates, key=lambda u: u.client)
-
-
-def _gather_dict(entries: dict[int, str], trainer: pl.Trainer) -> dict[int, str]:
-    if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-        parts: list = [None] * trainer.world_size
-        dist.all_gather_object(parts, entries)
-        return {k: v for part in parts for k, v in part.items()}
-    return entries
+        dist.all_gather_object(parts, obj)
+        return parts
+    return [obj]
 
 
 def _update_to_dict(update: ClientUpdate) -> dict:
