@@ -1,6 +1,7 @@
 """Federated LoRA on the embedded 20 Newsgroups + MiniLM: accuracy per rule, simulation overhead, memory, server time.
 
     python benchmarks/federated.py accuracy            # 5 rules + centralised, alpha 0.5 and 0.1, 3 seeds
+    python benchmarks/federated.py cosine              # each round's global update vs the ideal, per rule
     python benchmarks/federated.py overhead            # a round's time / the same local steps run plainly
     python benchmarks/federated.py memory              # peak RSS and client-store bytes at 10 vs 100 clients
     python benchmarks/federated.py server              # aggregation time per rule for 10 and 100 clients
@@ -44,6 +45,8 @@ class RoundRecorder(Callback):
 
     def __init__(self) -> None:
         self.accuracy: list[float] = []
+        self.cosine: list[float] = []
+        self.error: list[float] = []
         self.epoch_s: list[float] = []
         self.start = 0.0
 
@@ -54,6 +57,10 @@ class RoundRecorder(Callback):
         self.epoch_s.append(time.perf_counter() - self.start)
         if "val/acc" in trainer.callback_metrics:
             self.accuracy.append(float(trainer.callback_metrics["val/acc"]))
+        driver = next((cb for cb in trainer.callbacks if hasattr(cb, "last_round")), None)
+        if driver is not None and driver.last_round:
+            self.cosine.append(driver.last_round["cosine_to_ideal"])
+            self.error.append(driver.last_round["error_to_ideal"])
 
 
 def fit(config: Path, *args: str) -> RoundRecorder:
@@ -94,6 +101,20 @@ def stat(values: list[float]) -> str:
         return "-"
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f}+-{spread:.3f} (n={len(values)})"
+
+
+# -- cosine to the ideal update ---------------------------------------------------------------------------
+
+
+def cosine(args: argparse.Namespace) -> None:
+    """Per rule, how close each round's new global update is to ``s sum_k p_k B_k A_k`` (the driver's
+    ``fed/cosine_to_ideal`` and ``fed/error_to_ideal``), on the accuracy benchmark's setting."""
+    for rule in args.rules:
+        recorder = fit(CONFIGS / f"{rule}.yaml", "--seed_everything", str(args.seed), "--data.init_args.seed", str(args.seed),
+                       "--data.init_args.alpha", str(args.alpha), "--data.init_args.rounds", str(args.rounds))  # fmt: skip
+        cosines = " ".join(f"{c:.4f}" for c in recorder.cosine)
+        errors = " ".join(f"{e:.4f}" for e in recorder.error)
+        print(f"{rule:<10} cosine per round: {cosines}   relative error: {errors}", flush=True)
 
 
 # -- overhead ---------------------------------------------------------------------------------------------
@@ -209,6 +230,11 @@ def main() -> None:
     p.add_argument("--alphas", nargs="+", type=float, default=[0.5, 0.1])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "federated.jsonl")
+    p = sub.add_parser("cosine")
+    p.add_argument("--rules", nargs="+", default=RULES, choices=RULES)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=3)
     p = sub.add_parser("overhead")
     p.add_argument("--rules", nargs="+", default=RULES, choices=RULES)
     p.add_argument("--rounds", type=int, default=2)
@@ -223,7 +249,7 @@ def main() -> None:
     if args.command == "memory-child":
         memory_child(args.clients, args.profiled)
     else:
-        {"accuracy": accuracy, "overhead": overhead, "memory": memory, "server": server}[args.command](args)
+        {"accuracy": accuracy, "cosine": cosine, "overhead": overhead, "memory": memory, "server": server}[args.command](args)
 
 
 if __name__ == "__main__":
