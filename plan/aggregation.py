@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from plan.subspace import factored_svd
+
 Factors = tuple[Tensor, Tensor]  # (A: r x d_in, B: d_out x r)
 
 
@@ -84,22 +86,6 @@ def ideal_update(updates: list[ClientUpdate], layer: str, scale: float) -> Tenso
     """The dense ``s sum_k p_k B_k A_k`` (float64): the reference the rules are measured against."""
     a, b = stacked_factors(updates, layer, client_weights(updates))
     return scale * (b @ a)
-
-
-def factored_svd(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``U, S, Vh`` of ``B A`` (rank <= m for ``B: d x m``, ``A: m x k``) from QR factors, without forming ``B A``."""
-    q_b, r_b = torch.linalg.qr(b)
-    q_a, r_a = torch.linalg.qr(a.T)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-    return q_b @ u, s, vh @ q_a.T
-
-
-def compress_factors(a: Tensor, b: Tensor) -> Factors:
-    """Factors of ``B A`` with rank ``min(d, k, m)``: exact (up to rounding) and never wider than the layer."""
-    if a.shape[0] <= min(a.shape[1], b.shape[0]):
-        return a, b
-    u, s, vh = factored_svd(a.double(), b.double())
-    return vh.to(a.dtype), (u * s).to(b.dtype)
 
 
 def factored_inner(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
@@ -393,9 +379,7 @@ __all__ = [
     "LoRAFAIR",
     "agreement",
     "client_weights",
-    "compress_factors",
     "factored_inner",
-    "factored_svd",
     "fair_correction",
     "fedit",
     "ffa_lora",

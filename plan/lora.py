@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from plan.aggregation import compress_factors
 from plan.kernels import check_kernel, stacked_lora_linear
+from plan.subspace import compress_factors
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Subspace linear algebra for continual LoRA: input statistics, stored bases, projections, basis selection.
+"""Subspace linear algebra: input statistics, stored bases, projections, basis selection, and exact
+low-rank factor algebra (SVD and recompression of a product ``B A`` without forming it).
 
 A layer ``h = W x`` moved by ``dW`` changes its output on an old input ``x_old`` by ``dW x_old``. A LoRA update
 ``dW = B A`` leaves every input in span(M) untouched when the rows of ``A`` are orthogonal to span(M), so
@@ -118,3 +119,19 @@ def orthogonality_penalty(old: Tensor, new: Tensor, form: str = "abs") -> Tensor
     official code) or ``sum (A_old A_new^T)^2`` (``'squared'``, the paper). Zero when there is no old adapter."""
     overlap = old @ new.T
     return overlap.abs().sum() if form == "abs" else overlap.pow(2).sum()
+
+
+def factored_svd(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``U, S, Vh`` of ``B A`` (rank <= m for ``B: d x m``, ``A: m x k``) from QR factors, without forming ``B A``."""
+    q_b, r_b = torch.linalg.qr(b)
+    q_a, r_a = torch.linalg.qr(a.T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    return q_b @ u, s, vh @ q_a.T
+
+
+def compress_factors(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Factors of ``B A`` with rank ``min(d, k, m)``: exact (up to rounding) and never wider than the layer."""
+    if a.shape[0] <= min(a.shape[1], b.shape[0]):
+        return a, b
+    u, s, vh = factored_svd(a.double(), b.double())
+    return vh.to(a.dtype), (u * s).to(b.dtype)

@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from plan.aggregation import (
-    FFALoRA,
-    agreement,
-    FLoRA,
-    FedIT,
     ClientUpdate,
+    FedIT,
+    FFALoRA,
+    FLoRA,
     GlobalState,
+    agreement,
     client_weights,
-    compress_factors,
     fair_correction,
     fedit,
     ffa_lora,
@@ -25,6 +24,7 @@ from plan.aggregation import (
     screen_updates,
     stacked_factors,
 )
+from plan.subspace import compress_factors
 
 D_OUT, D_IN, SCALE = 12, 10, 2.0
 
