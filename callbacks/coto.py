@@ -7,7 +7,7 @@ import re
 import lightning.pytorch as pl
 import torch
 
-from plan.callbacks.sequencer import TaskCallback
+from plan.callbacks.sequencer import TaskCallback, run_seed
 
 
 def activation_probability(step: int, total_steps: int, start: float, ramp: float) -> float:
@@ -32,17 +32,18 @@ class ProgressiveActivation(TaskCallback):
     ``start`` to 1 over the first ``ramp`` share of each task's steps; at least one block stays active.
     Inactive slots add nothing to the forward pass (frozen past adapters always do). Draws come from a
     generator seeded per task, so the rest of training sees the same random numbers as without CoTo, and
-    ``start=1`` is exactly plain training. Works with any adapter mode and beside any other method.
+    ``start=1`` is exactly plain training. Works with any adapter mode and beside any other method. ``seed``
+    defaults to the run's ``seed_everything`` value.
     """
 
-    def __init__(self, start: float = 0.1, ramp: float = 0.75, seed: int = 0) -> None:
+    def __init__(self, start: float = 0.1, ramp: float = 0.75, seed: int | None = None) -> None:
         if not 0.0 <= start <= 1.0:
             raise ValueError(f"CoTo start probability must be in [0, 1], got {start}")
         self.start, self.ramp, self.seed = start, ramp, seed
         self.generator = torch.Generator()
 
     def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
-        self.generator.manual_seed(self.seed * 7907 + task)
+        self.generator.manual_seed(run_seed(self.seed) * 7907 + task)
         self.groups = layer_groups(list(pl_module.lora_layers))
 
     def probability(self, trainer: pl.Trainer, batch_idx: int) -> float:

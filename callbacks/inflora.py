@@ -6,6 +6,7 @@ import math
 
 import lightning.pytorch as pl
 import torch
+from torch import Tensor
 
 from plan.callbacks.subspace_memory import SubspaceMemory
 from plan.subspace import project_out
@@ -30,17 +31,19 @@ class InfLoRA(SubspaceMemory):
         threshold_start: float = 0.95,
         threshold_end: float = 1.0,
         a_scale: float = 1 / math.sqrt(3),
-        max_batches: int | None = None,
+        max_examples: int | None = None,
     ) -> None:
-        super().__init__(threshold_start, threshold_end, max_batches)
+        super().__init__(threshold_start, threshold_end, max_examples)
         self.a_scale = a_scale
 
     @torch.no_grad()
     def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
         covariances = self.input_covariances(trainer, pl_module, task)
+        designed: dict[tuple[int, int], Tensor] = {}  # layers sharing a covariance and a memory share the design
         for name, layer in pl_module.lora_layers.items():
-            residual = project_out(covariances[name], self.memory(name, layer.in_features))
-            u, _, _ = torch.linalg.svd(residual)
-            layer.lora_A.copy_((self.a_scale * u[:, : layer.rank].T).to(layer.lora_A))
+            key = (id(covariances[name]), id(self.bases.get(name)))
+            if key not in designed:
+                designed[key], _, _ = torch.linalg.svd(project_out(covariances[name], self.memory(name, layer.in_features)))
+            layer.lora_A.copy_((self.a_scale * designed[key][:, : layer.rank].T).to(layer.lora_A))
             layer.lora_B.zero_()
             layer.lora_A.requires_grad_(False)

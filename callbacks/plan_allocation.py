@@ -31,6 +31,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from plan.callbacks.sequencer import run_seed
 from plan.callbacks.subspace_memory import SubspaceMemory
 from plan.subspace import (
     interference_scores,
@@ -48,7 +49,8 @@ PERTURBATIONS = ("none", "future", "past")
 
 
 class PLAN(SubspaceMemory):
-    """Per-task orthogonal bases from a pool planned before the first task; see the module docstring."""
+    """Per-task orthogonal bases from a pool planned before the first task; see the module docstring.
+    ``seed`` (pool, random selection, perturbation draws) defaults to the run's ``seed_everything`` value."""
 
     def __init__(
         self,
@@ -60,10 +62,10 @@ class PLAN(SubspaceMemory):
         train_basis: bool = False,
         threshold_start: float = 0.95,
         threshold_end: float = 1.0,
-        max_batches: int | None = None,
-        seed: int = 0,
+        max_examples: int | None = None,
+        seed: int | None = None,
     ) -> None:
-        super().__init__(threshold_start, threshold_end, max_batches)
+        super().__init__(threshold_start, threshold_end, max_examples)
         for name, value, valid in (("pool", pool, POOLS), ("selection", selection, SELECTIONS), ("perturbation", perturbation, PERTURBATIONS)):
             if value not in valid:
                 raise ValueError(f"PLAN {name} must be one of {valid}, got {value!r}")
@@ -111,8 +113,9 @@ class PLAN(SubspaceMemory):
 
     @torch.no_grad()
     def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
-        generator = torch.Generator().manual_seed(self.seed * 7919 + task)
+        generator = torch.Generator().manual_seed(run_seed(self.seed) * 7919 + task)
         covariances = self.input_covariances(trainer, pl_module, task)
+        free: dict[str, Tensor] = {}
         for name, layer in pl_module.lora_layers.items():
             dim, new = layer.in_features, covariances[name]
             if name not in self.pools:
@@ -124,12 +127,15 @@ class PLAN(SubspaceMemory):
                     f"rank {layer.rank}; use a larger pool_size, a smaller rank, or a lower memory threshold"
                 )
             old = self.old_covariance.get(name, torch.zeros_like(new))
-            basis = candidates[:, self.select(candidates, old, new, layer.rank, generator)]
-            self.allocated.setdefault(name, []).append(basis)
-            layer.lora_A.copy_(basis.T.to(layer.lora_A))
+            chosen = self.select(candidates, old, new, layer.rank, generator)
+            rest = torch.ones(candidates.shape[1], dtype=torch.bool)
+            rest[chosen] = False
+            self.allocated.setdefault(name, []).append(candidates[:, chosen])
+            free[name] = candidates[:, rest]  # the candidates are orthonormal: the ones not chosen stay free
+            layer.lora_A.copy_(candidates[:, chosen].T.to(layer.lora_A))
             layer.lora_B.zero_()
             layer.lora_A.requires_grad_(self.train_basis)
-        self._start_perturbation(pl_module, generator)
+        self._start_perturbation(pl_module, free, generator)
 
     def update_memory(self, covariances: dict[str, Tensor], task: int, num_tasks: int) -> None:
         """Also keep the old tasks' summed input second moments, the numerator of the selection score."""
@@ -142,14 +148,14 @@ class PLAN(SubspaceMemory):
 
     # -- component 3: perturbation ------------------------------------------------------------------------
 
-    def _start_perturbation(self, pl_module: pl.LightningModule, generator: torch.Generator) -> None:
+    def _start_perturbation(self, pl_module: pl.LightningModule, free: dict[str, Tensor], generator: torch.Generator) -> None:
         self._stop_perturbation()
         if self.perturbation == "none":
             return
         self._generator = generator
         for name, layer in pl_module.lora_layers.items():
             if self.perturbation == "future":
-                self._free[name] = self.free_directions(name, layer.in_features)[:, : layer.rank].to(layer.lora_A)
+                self._free[name] = free[name][:, : layer.rank].to(layer.lora_A)
             self._hooks.append(layer.register_forward_hook(lambda module, args, out, n=name: self._perturb(n, module, args[0], out)))
 
     def _stop_perturbation(self) -> None:

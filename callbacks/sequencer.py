@@ -11,9 +11,10 @@ from lightning.pytorch.callbacks import Callback
 ADAPTER_MODES = ("stacked", "shared")
 
 
-def run_seed() -> int:
-    """The run's ``seed_everything`` value (0 if none was set): the default base seed of the drivers."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+def run_seed(seed: int | None = None) -> int:
+    """``seed`` if given, else the run's ``seed_everything`` value (0 if none was set): the default base seed
+    of the drivers and methods, so that changing the run's seed changes all of their draws."""
+    return seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def bind_epochs_to_stages(trainer: pl.Trainer, driver: Callback, needs: str, unit: str, example: str) -> None:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from plan.callbacks.sequencer import TaskCallback
-from plan.subspace import InputCovariance, expand_memory, project_rows_out, threshold_schedule
+from plan.subspace import InputCovariance, expand_memory, project_rows_out, threshold_schedule, token_gram
 
 
 class SubspaceMemory(TaskCallback):
@@ -22,42 +22,54 @@ class SubspaceMemory(TaskCallback):
     Args:
         threshold_start, threshold_end: GPM energy threshold, linear over the tasks (InfLoRA's schedule);
             1.0 keeps every direction old inputs use, which makes non-interference exact.
-        max_batches: cap on the batches of a statistics pass (None: the task's whole training set).
+        max_examples: cap on the training examples a statistics pass reads, drawn at random with a fixed seed
+            per task (None: the task's whole training set).
     """
 
-    def __init__(self, threshold_start: float = 0.95, threshold_end: float = 1.0, max_batches: int | None = None) -> None:
+    def __init__(self, threshold_start: float = 0.95, threshold_end: float = 1.0, max_examples: int | None = None) -> None:
         for name, value in (("threshold_start", threshold_start), ("threshold_end", threshold_end)):
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
         self.threshold_start = threshold_start
         self.threshold_end = threshold_end
-        self.max_batches = max_batches
+        if max_examples is not None and max_examples < 1:
+            raise ValueError(f"max_examples must be a positive number of examples or None (all), got {max_examples}")
+        self.max_examples = max_examples
         self.bases: dict[str, Tensor] = {}
 
     # -- statistics ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def input_covariances(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> dict[str, Tensor]:
-        """``E[x x^T]`` of every LoRA layer's input over one pass of ``task``'s training data, summed over ranks."""
+        """``E[x x^T]`` of every LoRA layer's input over ``task``'s training data (all of it, or a seeded random
+        ``max_examples`` of it), summed over ranks. Layers that read the same inputs (query and value of one
+        attention block) get one shared tensor, so what depends only on it is computed once per group."""
         layers = pl_module.lora_layers
         stats = {name: InputCovariance(layer.in_features) for name, layer in layers.items()}
-        hooks = [layer.register_forward_pre_hook(lambda _, args, s=stats[name]: s.update(args[0])) for name, layer in layers.items()]
+        grams: dict[int, tuple[Tensor, Tensor, int]] = {}  # this batch: id of an input -> (input, Gram, tokens)
+
+        def record(stat: InputCovariance, x: Tensor) -> None:
+            if id(x) not in grams:  # grams holds x, so its id stays unique until the batch ends
+                grams[id(x)] = (x, *token_gram(x))
+            stat.add(*grams[id(x)][1:])
+
+        hooks = [layer.register_forward_pre_hook(lambda _, args, s=stats[name]: record(s, args[0])) for name, layer in layers.items()]
         was_training = pl_module.training
         pl_module.eval()
         try:
-            for index, batch in enumerate(trainer.datamodule.task_train_loader(task)):
-                if self.max_batches is not None and index >= self.max_batches:
-                    break
+            for batch in trainer.datamodule.task_train_loader(task, self.max_examples):
                 pl_module(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
+                grams.clear()
         finally:
             for hook in hooks:
                 hook.remove()
             pl_module.train(was_training)
-        result = {}
+        result: dict[str, Tensor] = {}
         for name, stat in stats.items():
             total = trainer.strategy.reduce(stat.sum.to(pl_module.device), reduce_op="sum").cpu()
             count = trainer.strategy.reduce(torch.tensor(float(stat.count), device=pl_module.device), reduce_op="sum").item()
-            result[name] = total / max(count, 1.0)
+            covariance = total / max(count, 1.0)
+            result[name] = next((c for c in result.values() if c.shape == covariance.shape and torch.equal(c, covariance)), covariance)
         return result
 
     def memory(self, name: str, dim: int) -> Tensor:
@@ -72,8 +84,13 @@ class SubspaceMemory(TaskCallback):
 
     def update_memory(self, covariances: dict[str, Tensor], task: int, num_tasks: int) -> None:
         threshold = threshold_schedule(task, num_tasks, self.threshold_start, self.threshold_end)
+        old = dict(self.bases)  # keeps every old basis alive, so the ids below stay unique
+        expanded: dict[tuple[int, int], Tensor] = {}  # layers sharing a covariance and a memory share the result
         for name, covariance in covariances.items():
-            self.bases[name] = expand_memory(self.memory(name, len(covariance)), covariance, threshold)
+            key = (id(covariance), id(old.get(name)))
+            if key not in expanded:
+                expanded[key] = expand_memory(self.memory(name, len(covariance)), covariance, threshold)
+            self.bases[name] = expanded[key]
 
     # -- keeping the trainable down-projection out of a protected subspace --------------------------------
 

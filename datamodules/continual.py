@@ -330,10 +330,16 @@ class TaskSequenceDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         return self.task_eval_loaders(self.num_tasks)
 
-    def task_train_loader(self, task: int) -> DataLoader:
-        """One unshuffled pass over ``task``'s training data (this rank's shard): for input statistics."""
+    def task_train_loader(self, task: int, max_examples: int | None = None) -> DataLoader:
+        """One pass over ``task``'s training data (this rank's shard), for input statistics: all of it, or
+        ``max_examples`` drawn at random with a seed fixed per task, so a capped pass is a fair sample of the
+        task's classes rather than the first ones in file order."""
         _, task_indices = self._splits["train"]
-        return self._loader("train", task_indices[task], self.eval_batch_size, False)
+        indices = task_indices[task]
+        if max_examples is not None and max_examples < len(indices):
+            pick = torch.randperm(len(indices), generator=torch.Generator().manual_seed(self.seed * 7919 + task))
+            indices = [indices[i] for i in sorted(pick[:max_examples].tolist())]
+        return self._loader("train", indices, self.eval_batch_size, False)
 
     def task_eval_loaders(self, count: int) -> list[DataLoader]:
         """One evaluation loader per task ``0..count-1``, on the source's test split."""

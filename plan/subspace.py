@@ -13,6 +13,12 @@ import torch
 from torch import Tensor
 
 
+def token_gram(x: Tensor) -> tuple[Tensor, int]:
+    """``sum_tokens x x^T`` in float64 on the CPU, and the number of tokens it sums."""
+    flat = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)
+    return flat.T @ flat, flat.shape[0]
+
+
 class InputCovariance:
     """Running uncentred second moment ``E[x x^T]`` of a layer's inputs (every token counts once), in float64."""
 
@@ -20,13 +26,9 @@ class InputCovariance:
         self.sum = torch.zeros(dim, dim, dtype=torch.float64)
         self.count = 0
 
-    def update(self, x: Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)
-        self.sum += flat.T @ flat
-        self.count += flat.shape[0]
-
-    def mean(self) -> Tensor:
-        return self.sum / max(self.count, 1)
+    def add(self, gram: Tensor, count: int) -> None:
+        self.sum += gram
+        self.count += count
 
 
 def orthonormalize(vectors: Tensor, tol: float = 1e-10) -> Tensor:

@@ -130,6 +130,21 @@ def test_training_batches_hold_only_the_current_task(six_classes: TaskSequenceDa
     assert Counter(labels.tolist()) == {c: 16 * 2 for c in six_classes.layout.task_classes[task]}  # 2 passes
 
 
+def test_capped_statistics_pass_is_a_seeded_sample_of_every_class(six_classes: TaskSequenceDataModule) -> None:
+    """The data is stored class by class; a capped statistics pass still draws from both of task 1's classes,
+    the same examples on every call, and an uncapped pass reads every example once."""
+
+    def ids(cap):
+        batches = six_classes.task_train_loader(1, cap)
+        return [tuple(row[mask].tolist()) for b in batches for row, mask in zip(b["input_ids"], b["attention_mask"].bool())]
+
+    full, capped = ids(None), ids(8)
+    labels = torch.cat([batch["labels"] for batch in six_classes.task_train_loader(1, 8)]).tolist()
+    assert len(full) == 32 and len(capped) == 8 and set(capped) <= set(full)
+    assert set(labels) == {2, 3} and ids(8) == capped
+    assert ids(100) == full
+
+
 def test_validation_covers_tasks_seen_so_far(six_classes: TaskSequenceDataModule) -> None:
     """Epoch t validates tasks 0..t, one loader each, on that task's test classes; test covers all tasks."""
     for epoch in range(3):

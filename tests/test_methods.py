@@ -164,6 +164,44 @@ def fit_tiny(tmp_path, *callbacks, adapters: str = "stacked", tasks: int = 3):
     return model
 
 
+class CovarianceCheck(TaskCallback):
+    """At task 0's start, the method's input covariances next to ones computed from hooked inputs in plain torch."""
+
+    def __init__(self, method, max_examples: int) -> None:
+        self.method, self.max_examples = method, max_examples
+
+    @torch.no_grad()
+    def on_task_start(self, trainer, pl_module, task):
+        if task:
+            return
+        inputs = {name: [] for name in pl_module.lora_layers}
+        hooks = [
+            layer.register_forward_pre_hook(lambda _, args, n=name: inputs[n].append(args[0].reshape(-1, args[0].shape[-1]).double()))
+            for name, layer in pl_module.lora_layers.items()
+        ]
+        pl_module.eval()
+        for batch in trainer.datamodule.task_train_loader(0, self.max_examples):
+            pl_module(batch)
+        pl_module.train()
+        for hook in hooks:
+            hook.remove()
+        self.expected = {name: torch.cat(x).T @ torch.cat(x) / sum(len(t) for t in x) for name, x in inputs.items()}
+        self.got = self.method.input_covariances(trainer, pl_module, 0)
+
+
+def test_input_covariances_match_plain_torch_and_are_shared_by_layers_reading_one_input(tmp_path):
+    method = GradientProjection(max_examples=12)
+    check = CovarianceCheck(method, 12)
+    fit_tiny(tmp_path, method, check, tasks=1)
+    for name, expected in check.expected.items():
+        torch.testing.assert_close(check.got[name], expected, atol=1e-10, rtol=1e-10)
+    blocks = sorted({name.rsplit(".", 1)[0] for name in check.got})
+    assert len(blocks) > 1
+    for block in blocks:  # query and value read the same hidden states: one tensor; other blocks: their own
+        assert check.got[f"{block}.query"] is check.got[f"{block}.value"]
+    assert check.got[f"{blocks[0]}.query"] is not check.got[f"{blocks[1]}.query"]
+
+
 def test_inflora_down_projection_is_orthogonal_to_memory(tmp_path):
     method = InfLoRA(threshold_start=0.6, threshold_end=0.8)
     overlaps = []
@@ -187,6 +225,35 @@ def test_plan_bases_are_orthonormal_and_disjoint(tmp_path):
         assert bases.shape[1] == 3 * layer.rank
         torch.testing.assert_close(bases.T @ bases, torch.eye(3 * layer.rank, dtype=torch.float64), atol=1e-6, rtol=0)
         torch.testing.assert_close(layer.past_A, bases.T.to(layer.past_A), atol=1e-6, rtol=0)
+
+
+def test_plan_draws_follow_the_run_seed_unless_given_one(tmp_path, monkeypatch):
+    """PLAN's pool and random selection use the run's ``seed_everything`` value, or a fixed seed if given one."""
+    monkeypatch.setattr(pl, "seed_everything", lambda *args, **kwargs: None)  # keep the run seed set below
+
+    def first_basis(run_seed: int, seed: int | None) -> torch.Tensor:
+        monkeypatch.setenv("PL_GLOBAL_SEED", str(run_seed))
+        method = PLAN(selection="random", seed=seed)
+        fit_tiny(tmp_path / f"{run_seed}-{seed}", method, tasks=1)
+        return next(iter(method.allocated.values()))[0]
+
+    assert not torch.equal(first_basis(1, None), first_basis(2, None))
+    assert torch.equal(first_basis(1, 5), first_basis(2, 5))
+
+
+def test_plan_future_perturbation_lies_outside_everything_owned(tmp_path):
+    method = PLAN(threshold_start=0.5, threshold_end=0.6, perturbation="future")
+    seen = []
+
+    def check(pl_module, task):
+        for name, layer in pl_module.lora_layers.items():
+            directions = method._free[name].double()
+            owned = method.owned(name, layer.in_features)
+            torch.testing.assert_close(directions.T @ directions, torch.eye(layer.rank, dtype=torch.float64), atol=1e-6, rtol=0)
+            seen.append((owned.shape[1], (owned.T @ directions).abs().max().item()))
+
+    fit_tiny(tmp_path, method, Probe(check))
+    assert any(size > 0 for size, _ in seen) and max(overlap for _, overlap in seen) < 1e-6
 
 
 def test_olora_loss_term_equals_formula(tmp_path):
