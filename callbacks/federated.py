@@ -80,8 +80,7 @@ class FederatedRounds(Callback):
     # -- setup --------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.seed is None:
-            self.seed = run_seed()
+        self.seed = run_seed(self.seed)
         if stage != "fit":
             return
         bind_epochs_to_stages(trainer, self, "sampled_clients", "round", "plan.datamodules.FederatedDataModule")

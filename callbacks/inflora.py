@@ -6,7 +6,6 @@ import math
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
 
 from plan.callbacks.subspace_memory import SubspaceMemory
 from plan.subspace import project_out
@@ -39,11 +38,8 @@ class InfLoRA(SubspaceMemory):
     @torch.no_grad()
     def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
         covariances = self.input_covariances(trainer, pl_module, task)
-        designed: dict[tuple[int, int], Tensor] = {}  # layers sharing a covariance and a memory share the design
+        directions = self.per_layer(covariances, lambda covariance, memory: torch.linalg.svd(project_out(covariance, memory))[0])
         for name, layer in pl_module.lora_layers.items():
-            key = (id(covariances[name]), id(self.bases.get(name)))
-            if key not in designed:
-                designed[key], _, _ = torch.linalg.svd(project_out(covariances[name], self.memory(name, layer.in_features)))
-            layer.lora_A.copy_((self.a_scale * designed[key][:, : layer.rank].T).to(layer.lora_A))
+            layer.lora_A.copy_((self.a_scale * directions[name][:, : layer.rank].T).to(layer.lora_A))
             layer.lora_B.zero_()
             layer.lora_A.requires_grad_(False)

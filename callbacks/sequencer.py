@@ -70,8 +70,7 @@ class TaskSequencer(Callback):
         self.tasks_started = 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.seed is None:
-            self.seed = run_seed()
+        self.seed = run_seed(self.seed)
         if stage == "fit":
             bind_epochs_to_stages(trainer, self, "tasks_seen", "task", "plan.datamodules.TaskSequenceDataModule")
 

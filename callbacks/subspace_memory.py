@@ -8,6 +8,8 @@ a protected basis after every optimizer step, which is :class:`GradientProjectio
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
@@ -65,11 +67,15 @@ class SubspaceMemory(TaskCallback):
                 hook.remove()
             pl_module.train(was_training)
         result: dict[str, Tensor] = {}
+        seen: dict[tuple, Tensor] = {}  # a cheap fingerprint -> the first covariance with it; equal() confirms
         for name, stat in stats.items():
             total = trainer.strategy.reduce(stat.sum.to(pl_module.device), reduce_op="sum").cpu()
             count = trainer.strategy.reduce(torch.tensor(float(stat.count), device=pl_module.device), reduce_op="sum").item()
             covariance = total / max(count, 1.0)
-            result[name] = next((c for c in result.values() if c.shape == covariance.shape and torch.equal(c, covariance)), covariance)
+            key = (covariance.shape, covariance.sum().item(), covariance.trace().item())
+            if key not in seen or not torch.equal(seen[key], covariance):
+                seen[key] = covariance
+            result[name] = seen[key]
         return result
 
     def memory(self, name: str, dim: int) -> Tensor:
@@ -82,15 +88,21 @@ class SubspaceMemory(TaskCallback):
         """Add the finished task's input subspace (measured with its adapter trained) to the memory."""
         self.update_memory(self.input_covariances(trainer, pl_module, task), task, trainer.datamodule.num_tasks)
 
+    def per_layer(self, covariances: dict[str, Tensor], compute: Callable[[Tensor, Tensor], Tensor]) -> dict[str, Tensor]:
+        """``compute(covariance, memory)`` for every layer, evaluated once for layers that share both tensors
+        (query and value of one block), which then share the result."""
+        results: dict[str, Tensor] = {}
+        computed: dict[tuple[int, int], Tensor] = {}
+        for name, covariance in covariances.items():
+            key = (id(covariance), id(self.bases.get(name)))
+            if key not in computed:
+                computed[key] = compute(covariance, self.memory(name, len(covariance)))
+            results[name] = computed[key]
+        return results
+
     def update_memory(self, covariances: dict[str, Tensor], task: int, num_tasks: int) -> None:
         threshold = threshold_schedule(task, num_tasks, self.threshold_start, self.threshold_end)
-        old = dict(self.bases)  # keeps every old basis alive, so the ids below stay unique
-        expanded: dict[tuple[int, int], Tensor] = {}  # layers sharing a covariance and a memory share the result
-        for name, covariance in covariances.items():
-            key = (id(covariance), id(old.get(name)))
-            if key not in expanded:
-                expanded[key] = expand_memory(self.memory(name, len(covariance)), covariance, threshold)
-            self.bases[name] = expanded[key]
+        self.bases.update(self.per_layer(covariances, lambda covariance, memory: expand_memory(memory, covariance, threshold)))
 
     # -- keeping the trainable down-projection out of a protected subspace --------------------------------
 
