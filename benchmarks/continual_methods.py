@@ -29,10 +29,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from lightning.pytorch.callbacks import Callback
-
-from resumable import run_missing  # noqa: E402 - the sibling helper
+from resumable import run_missing
 
 from plan.callbacks import ForgettingLogger
 from plan.cli import run_cli
@@ -46,12 +44,21 @@ METHODS: dict[str, tuple[str, list[dict]]] = {
     "olora": ("stacked", [{"class_path": "plan.callbacks.OLoRA", "init_args": {"lambda_orth": 0.5}}]),
     "inflora": ("stacked", [{"class_path": "plan.callbacks.InfLoRA", "init_args": MEMORY}]),
     "plan": ("stacked", [{"class_path": "plan.callbacks.PLAN", "init_args": MEMORY}]),
-    "plan_random_selection": ("stacked", [{"class_path": "plan.callbacks.PLAN", "init_args": {**MEMORY, "selection": "random"}}]),
-    "plan_no_perturbation": ("stacked", [{"class_path": "plan.callbacks.PLAN", "init_args": {**MEMORY, "perturbation": "none"}}]),
-    "plan_coto": ("stacked", [
-        {"class_path": "plan.callbacks.PLAN", "init_args": MEMORY},
-        {"class_path": "plan.callbacks.ProgressiveActivation", "init_args": {"start": 0.1, "ramp": 0.75}},
-    ]),
+    "plan_random_selection": (
+        "stacked",
+        [{"class_path": "plan.callbacks.PLAN", "init_args": {**MEMORY, "selection": "random"}}],
+    ),
+    "plan_no_perturbation": (
+        "stacked",
+        [{"class_path": "plan.callbacks.PLAN", "init_args": {**MEMORY, "perturbation": "none"}}],
+    ),
+    "plan_coto": (
+        "stacked",
+        [
+            {"class_path": "plan.callbacks.PLAN", "init_args": MEMORY},
+            {"class_path": "plan.callbacks.ProgressiveActivation", "init_args": {"start": 0.1, "ramp": 0.75}},
+        ],
+    ),
     "joint": ("shared", []),
 }
 
@@ -129,22 +136,31 @@ def summarise(results: list[dict]) -> str:
         if not rows:
             continue
         reference = [r["median_step_s"] for r in rows if r["method"] == "seq_lora"]
-        lines += [f"\n{scenario}", f"{'method':<22}{'seeds':>6}{'avg_acc':>16}{'avg_inc_acc':>16}{'forgetting':>16}{'bwt':>16}{'step/seq':>10}{'boundary':>10}"]
+        lines += [
+            f"\n{scenario}",
+            f"{'method':<22}{'seeds':>6}{'avg_acc':>16}{'avg_inc_acc':>16}{'forgetting':>16}{'bwt':>16}{'step/seq':>10}{'boundary':>10}",
+        ]
         for method in METHODS:
             runs = [r for r in rows if r["method"] == method]
             if not runs:
                 continue
 
-            def stat(key: str) -> str:
+            def stat(key: str, runs: list[dict] = runs) -> str:
                 values = [r[key] for r in runs]
                 if any(math.isnan(v) for v in values):  # e.g. forgetting of the joint bound: one task, no history
                     return "n/a"
                 spread = statistics.stdev(values) if len(values) > 1 else 0.0
                 return f"{statistics.mean(values):.3f}+-{spread:.3f}"
 
-            step = statistics.median(r["median_step_s"] for r in runs) / statistics.median(reference) if reference else float("nan")
+            step = (
+                statistics.median(r["median_step_s"] for r in runs) / statistics.median(reference)
+                if reference
+                else float("nan")
+            )
             boundary = sum(r["boundary_s"] for r in runs) / sum(r["train_s"] for r in runs)
-            lines.append(f"{method:<22}{len(runs):>6}{stat('avg_acc'):>16}{stat('avg_inc_acc'):>16}{stat('forgetting'):>16}{stat('bwt'):>16}{step:>10.3f}{boundary:>9.1%}")
+            lines.append(
+                f"{method:<22}{len(runs):>6}{stat('avg_acc'):>16}{stat('avg_inc_acc'):>16}{stat('forgetting'):>16}{stat('bwt'):>16}{step:>10.3f}{boundary:>9.1%}"
+            )
     return "\n".join(lines)
 
 
@@ -164,8 +180,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     settings = (args.max_length, args.train_per_class, args.max_tasks)
-    jobs = [(scenario, method, seed, *settings) for scenario in args.scenarios for seed in args.seeds for method in args.methods]
-    describe = lambda r: f"{r['scenario']} {r['method']} seed {r['seed']}: avg_acc {r['avg_acc']:.3f} forgetting {r['forgetting']:.3f} ({r['wall_s']:.0f} s)"  # noqa: E731
+    jobs = [
+        (scenario, method, seed, *settings)
+        for scenario in args.scenarios
+        for seed in args.seeds
+        for method in args.methods
+    ]
+    describe = lambda r: (
+        f"{r['scenario']} {r['method']} seed {r['seed']}: avg_acc {r['avg_acc']:.3f} forgetting {r['forgetting']:.3f} ({r['wall_s']:.0f} s)"
+    )
     key = ("scenario", "method", "seed", "max_length", "train_per_class", "max_tasks")
     done = run_missing(args.out, jobs, key, run, describe)
     print(summarise([r for r in done if tuple(r[k] for k in key[3:]) == settings]))

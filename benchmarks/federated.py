@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
-
-from lora_step import profiled_alloc_peak  # noqa: E402 - the sibling benchmark's profiler helper
-from resumable import run_missing  # noqa: E402
+from lora_step import profiled_alloc_peak
+from resumable import run_missing
 
 from plan.aggregation import ClientUpdate, GlobalState, make_rule
 from plan.cli import run_cli
@@ -36,7 +35,14 @@ from plan.cli import run_cli
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs" / "federated"
 RULES = ["fedit", "ffa_lora", "lora_fair", "flexlora", "flora"]
-QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+QUIET = [
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
 
 
 class RoundRecorder(Callback):
@@ -81,12 +87,23 @@ def accuracy_run(rule: str, alpha: float, seed: int) -> dict:
         args += ["--data.init_args.alpha", str(alpha)]
     start = time.perf_counter()
     recorder = fit(CONFIGS / f"{rule}.yaml", *args)
-    return {"rule": rule, "alpha": alpha, "seed": seed, "acc": recorder.accuracy[-1], "curve": recorder.accuracy, "wall_s": time.perf_counter() - start}
+    return {
+        "rule": rule,
+        "alpha": alpha,
+        "seed": seed,
+        "acc": recorder.accuracy[-1],
+        "curve": recorder.accuracy,
+        "wall_s": time.perf_counter() - start,
+    }
 
 
 def accuracy(args: argparse.Namespace) -> None:
-    jobs = [("centralised", 0.0, s) for s in args.seeds] + [(r, a, s) for a in args.alphas for s in args.seeds for r in args.rules]
-    describe = lambda r: f"{r['rule']} alpha {r['alpha']} seed {r['seed']}: acc {r['acc']:.3f} curve {[round(a, 3) for a in r['curve']]} ({r['wall_s']:.0f} s)"  # noqa: E731
+    jobs = [("centralised", 0.0, s) for s in args.seeds] + [
+        (r, a, s) for a in args.alphas for s in args.seeds for r in args.rules
+    ]
+    describe = lambda r: (
+        f"{r['rule']} alpha {r['alpha']} seed {r['seed']}: acc {r['acc']:.3f} curve {[round(a, 3) for a in r['curve']]} ({r['wall_s']:.0f} s)"
+    )
     done = run_missing(args.out, jobs, ("rule", "alpha", "seed"), accuracy_run, describe)
     central = [r["acc"] for r in done if r["rule"] == "centralised"]
     print(f"\nfinal global accuracy after 5 rounds (mean +- std over seeds); centralised LoRA: {stat(central)}")
@@ -123,7 +140,14 @@ def cosine(args: argparse.Namespace) -> None:
 def overhead(args: argparse.Namespace) -> None:
     """Each round's training epoch under the round driver against the same batches (same clients, same order,
     same model) trained plainly by Lightning with no client switches and no aggregation. No validation."""
-    common = ["--data.init_args.rounds", str(args.rounds), "--trainer.limit_val_batches", "0", "--trainer.max_epochs", str(args.rounds)]
+    common = [
+        "--data.init_args.rounds",
+        str(args.rounds),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.max_epochs",
+        str(args.rounds),
+    ]
     plain = ["--trainer.callbacks", "[]"]
     times: dict[str, list[float]] = {"plain": []}
     for trial in range(args.trials):
@@ -152,7 +176,10 @@ def memory_child(clients: int, profiled: bool) -> None:
         "--data.init_args.batch_size", "4", "--trainer.limit_val_batches", "0",
     ]  # fmt: skip
     with tempfile.TemporaryDirectory() as root:
-        cli = run_cli(["--config", str(CONFIGS / "fedit.yaml"), *QUIET, "--trainer.default_root_dir", root, *recorder_args], run=False)
+        cli = run_cli(
+            ["--config", str(CONFIGS / "fedit.yaml"), *QUIET, "--trainer.default_root_dir", root, *recorder_args],
+            run=False,
+        )
         if profiled:
             peak = profiled_alloc_peak(lambda: cli.trainer.fit(cli.model, datamodule=cli.datamodule))
         else:
@@ -172,7 +199,12 @@ def memory(args: argparse.Namespace) -> None:
     rows = {}
     for clients in (10, 100):
         for flag in ([], ["--profiled"]):
-            out = subprocess.run([sys.executable, __file__, "memory-child", str(clients), *flag], capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "memory-child", str(clients), *flag],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             rows.setdefault(clients, {}).update(json.loads(out.strip().splitlines()[-1]))
         print(rows[clients], flush=True)
     one = rows[10]["adapter_bytes"]
@@ -194,23 +226,37 @@ def minilm_updates(clients: int, rank: int = 8, seed: int = 0) -> list[ClientUpd
     g = torch.Generator().manual_seed(seed)
     updates = []
     for k in range(clients):
-        adapters = {f"layer{i}": (torch.randn(rank, 384, generator=g) * 0.05, torch.randn(384, rank, generator=g) * 0.01) for i in range(12)}
-        updates.append(ClientUpdate(k, 50 + k, adapters, {"weight": torch.randn(20, 384, generator=g), "bias": torch.zeros(20)}))
+        adapters = {
+            f"layer{i}": (torch.randn(rank, 384, generator=g) * 0.05, torch.randn(384, rank, generator=g) * 0.01)
+            for i in range(12)
+        }
+        updates.append(
+            ClientUpdate(k, 50 + k, adapters, {"weight": torch.randn(20, 384, generator=g), "bias": torch.zeros(20)})
+        )
     return updates
 
 
 def server(args: argparse.Namespace) -> None:
-    print(f"aggregation time (median of {args.trials}) for MiniLM's 12 adapted layers, rank 8, torch threads {torch.get_num_threads()}")
+    print(
+        f"aggregation time (median of {args.trials}) for MiniLM's 12 adapted layers, rank 8, torch threads {torch.get_num_threads()}"
+    )
     for clients in (10, 100):
         updates = minilm_updates(clients)
-        start_state = GlobalState({n: (torch.zeros(8, 384), torch.zeros(384, 8)) for n in updates[0].adapters}, updates[0].head)
+        start_state = GlobalState(
+            {n: (torch.zeros(8, 384), torch.zeros(384, 8)) for n in updates[0].adapters}, updates[0].head
+        )
         line = []
         for rule in RULES:
             aggregate = make_rule(rule)
             if rule == "ffa_lora":
                 shared = {n: a for n, (a, _) in updates[0].adapters.items()}
                 current = GlobalState({n: (shared[n], torch.zeros(384, 8)) for n in shared}, start_state.head)
-                clients_ = [ClientUpdate(u.client, u.num_samples, {n: (shared[n], b) for n, (_, b) in u.adapters.items()}, u.head) for u in updates]
+                clients_ = [
+                    ClientUpdate(
+                        u.client, u.num_samples, {n: (shared[n], b) for n, (_, b) in u.adapters.items()}, u.head
+                    )
+                    for u in updates
+                ]
             else:
                 current, clients_ = start_state, updates
             samples = []
@@ -249,7 +295,9 @@ def main() -> None:
     if args.command == "memory-child":
         memory_child(args.clients, args.profiled)
     else:
-        {"accuracy": accuracy, "cosine": cosine, "overhead": overhead, "memory": memory, "server": server}[args.command](args)
+        {"accuracy": accuracy, "cosine": cosine, "overhead": overhead, "memory": memory, "server": server}[
+            args.command
+        ](args)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--dropout", type=float, nargs="+", default=[0.0])
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode of the baseline")
+    parser.add_argument(
+        "--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode of the baseline"
+    )
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up time in ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time in ms")
     parser.add_argument("--peak-gbs", type=float, default=None, help="peak bandwidth (GB/s) for a device not in PEAKS")
@@ -190,7 +192,9 @@ def peak_mib(step: Callable[[], None], ops: dict) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure(hidden: int, rank: int, tokens: int, dropout: float, args: argparse.Namespace, peak_bw, peak_flops) -> Record:
+def measure(
+    hidden: int, rank: int, tokens: int, dropout: float, args: argparse.Namespace, peak_bw, peak_flops
+) -> Record:
     """Check the fused layer against eager on this shape, then time and measure every variant."""
     import torch
 
@@ -204,13 +208,24 @@ def measure(hidden: int, rank: int, tokens: int, dropout: float, args: argparse.
     nbytes, flops = traffic(tokens, hidden, rank, torch.finfo(dtype).bits // 8)
     fused_s = times["fused"] / 1e3
     return Record(
-        hidden=hidden, rank=rank, tokens=tokens, dropout=dropout,
-        eager_ms=times["eager"], compile_ms=times["compile"], fused_ms=times["fused"],
-        speedup_vs_eager=times["eager"] / times["fused"], speedup_vs_compile=times["compile"] / times["fused"],
-        fused_gbs=nbytes / fused_s / 1e9, fused_bw_share=nbytes / fused_s / peak_bw if peak_bw else None,
-        fused_tflops=flops / fused_s / 1e12, fused_flop_share=flops / fused_s / peak_flops if peak_flops else None,
-        eager_mib=memory["eager"], compile_mib=memory["compile"], fused_mib=memory["fused"],
-        max_rel_error=error, keep=times["compile"] / times["fused"] >= KEEP_RATIO,
+        hidden=hidden,
+        rank=rank,
+        tokens=tokens,
+        dropout=dropout,
+        eager_ms=times["eager"],
+        compile_ms=times["compile"],
+        fused_ms=times["fused"],
+        speedup_vs_eager=times["eager"] / times["fused"],
+        speedup_vs_compile=times["compile"] / times["fused"],
+        fused_gbs=nbytes / fused_s / 1e9,
+        fused_bw_share=nbytes / fused_s / peak_bw if peak_bw else None,
+        fused_tflops=flops / fused_s / 1e12,
+        fused_flop_share=flops / fused_s / peak_flops if peak_flops else None,
+        eager_mib=memory["eager"],
+        compile_mib=memory["compile"],
+        fused_mib=memory["fused"],
+        max_rel_error=error,
+        keep=times["compile"] / times["fused"] >= KEEP_RATIO,
     )
 
 
@@ -249,11 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     versions = f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}"
     print(f"device: {name}; {versions}, python {platform.python_version()}")
     peak_text = "n/a" if args.smoke else f"{peak_bw / 1e12:.2f} TB/s" if peak_bw else "unknown (pass --peak-gbs)"
-    print(f"dtype {args.dtype}; compile mode {args.compile_mode}; peak bandwidth {peak_text}; "
-          f"a kernel stays if fused beats compile by {100 * (KEEP_RATIO - 1):.0f}% or more")
-    header = (f"{'hidden':>6} {'rank':>4} {'tokens':>6} {'p':>4} | {'eager':>8} {'compile':>8} {'fused':>8} ms | "
-              f"{'vs eager':>8} {'vs comp':>8} | {'GB/s':>7} {'%peak':>6} {'TFLOP/s':>7} {'%peak':>6} | "
-              f"{'MiB eager/comp/fused':>20} | {'rel.err':>7} keep")
+    print(
+        f"dtype {args.dtype}; compile mode {args.compile_mode}; peak bandwidth {peak_text}; "
+        f"a kernel stays if fused beats compile by {100 * (KEEP_RATIO - 1):.0f}% or more"
+    )
+    header = (
+        f"{'hidden':>6} {'rank':>4} {'tokens':>6} {'p':>4} | {'eager':>8} {'compile':>8} {'fused':>8} ms | "
+        f"{'vs eager':>8} {'vs comp':>8} | {'GB/s':>7} {'%peak':>6} {'TFLOP/s':>7} {'%peak':>6} | "
+        f"{'MiB eager/comp/fused':>20} | {'rel.err':>7} keep"
+    )
     print(header)
     records = []
     for hidden in args.hidden:

@@ -58,13 +58,17 @@ def build(variant: str, args: argparse.Namespace) -> torch.nn.Module:
     if variant == "plan":
         from plan.lora import LoRAConfig, inject_lora
 
-        inject_lora(model, LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=list(TARGETS)))
+        inject_lora(
+            model, LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=list(TARGETS))
+        )
     elif variant == "peft":
         import peft
 
         model = peft.get_peft_model(
             model,
-            peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=list(TARGETS)),
+            peft.LoraConfig(
+                r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=list(TARGETS)
+            ),
         )
     else:
         raise ValueError(f"unknown variant {variant!r}")
@@ -171,7 +175,7 @@ def profiled_alloc_peak(work) -> int | None:
             for ev in prof.profiler.kineto_results.events()
             if ev.name() == "[memory]" and str(ev.device_type()).endswith("CPU")
         ]
-    except Exception:  # noqa: BLE001 - private profiler API, best effort
+    except Exception:
         return None
     if not events:
         return None
@@ -187,6 +191,7 @@ def measure_memory(variant: str, args: argparse.Namespace) -> dict:
     """Runs in a fresh process: load one variant, run warm-up + measured steps, report its peak."""
     torch.set_num_threads(args.threads)
     import peft  # noqa: F401 - import both libraries in both variants' processes, so neither RSS baseline
+
     import plan.lora  # noqa: F401 - lacks modules the other one loaded before it (lazy imports would count)
 
     runner = Runner(variant, args)
@@ -243,13 +248,19 @@ def measure_peak_memory(args: argparse.Namespace, log) -> dict:
             r = memory_in_subprocess(v, args, method)
             memory[v].update({k: val for k, val in r.items() if k != "method"})
             memory[v].setdefault("methods", []).append(r["method"])
-            log(f"  {v} ({r['method']}): {mib(r.get('peak_bytes', r.get('alloc_peak_bytes', r.get('rss_peak_delta_bytes'))))}")
+            log(
+                f"  {v} ({r['method']}): {mib(r.get('peak_bytes', r.get('alloc_peak_bytes', r.get('rss_peak_delta_bytes'))))}"
+            )
     for v in VARIANTS:
         m = memory[v]
         if m["trainable_params"] != memory["plan"]["trainable_params"]:
-            log(f"WARNING: {v} trains {m['trainable_params']:,} parameters in its memory run, plan {memory['plan']['trainable_params']:,}")
+            log(
+                f"WARNING: {v} trains {m['trainable_params']:,} parameters in its memory run, plan {memory['plan']['trainable_params']:,}"
+            )
         if args.device == "cpu":
-            m["peak_bytes"] = m["alloc_peak_bytes"] if m.get("alloc_peak_bytes") is not None else m["rss_peak_delta_bytes"]
+            m["peak_bytes"] = (
+                m["alloc_peak_bytes"] if m.get("alloc_peak_bytes") is not None else m["rss_peak_delta_bytes"]
+            )
     p, q = memory["plan"]["peak_bytes"], memory["peft"]["peak_bytes"]
     memory["ratio_plan_over_peft"] = p / q if q else None
     memory["primary_method"] = memory["plan"]["methods"][0]
@@ -271,7 +282,9 @@ def plan_fingerprint() -> dict:
     out = {"lora_py": path, "lora_py_sha256_16": digest}
     try:
         root = os.path.dirname(os.path.dirname(path))
-        git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
+        git = lambda *a: subprocess.run(
+            ["git", "-C", root, *a], capture_output=True, text=True, check=True
+        ).stdout.strip()
         out["git_commit"] = git("rev-parse", "--short", "HEAD")
         out["lora_py_modified_vs_commit"] = bool(git("status", "--porcelain", "--", path))
     except (OSError, subprocess.CalledProcessError):
@@ -305,7 +318,7 @@ def measure_time(args: argparse.Namespace, log) -> dict:
             trial_medians[v].append(statistics.median(ts))
         log(
             f"trial {trial + 1}/{args.trials}: "
-            + ", ".join(f"{v} {statistics.median(times[v][-args.steps:]) * 1e3:.1f} ms" for v in VARIANTS)
+            + ", ".join(f"{v} {statistics.median(times[v][-args.steps :]) * 1e3:.1f} ms" for v in VARIANTS)
         )
     out = {"equivalence_max_abs_diff": diff, "trainable_params": {v: runners[v].trainable for v in VARIANTS}}
     for v in VARIANTS:
@@ -378,12 +391,17 @@ def main(argv=None) -> None:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         **plan_fingerprint(),
     }
-    config = {k: getattr(args, k) for k in ("batch", "seq_len", "rank", "alpha", "dropout", "steps", "trials", "warmup", "seed")}
+    config = {
+        k: getattr(args, k)
+        for k in ("batch", "seq_len", "rank", "alpha", "dropout", "steps", "trials", "warmup", "seed")
+    }
     config["target_modules"] = TARGETS
     log(f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}; device {args.device} "
         f"({env['device_name']}), cpu_count {env['cpu_count']}, torch threads {env['threads']}")  # fmt: skip
@@ -426,7 +444,9 @@ def main(argv=None) -> None:
     if memory:
         print(f"peak memory ratio plan/peft = {memory['ratio_plan_over_peft']:.3f}   ({memory['primary_method']})")
         if args.device == "cpu":
-            print(f"RSS peak-delta ratio plan/peft = {memory['rss_ratio_plan_over_peft']:.3f}   (ru_maxrss - RSS after load)")
+            print(
+                f"RSS peak-delta ratio plan/peft = {memory['rss_ratio_plan_over_peft']:.3f}   (ru_maxrss - RSS after load)"
+            )
 
 
 if __name__ == "__main__":

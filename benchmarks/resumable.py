@@ -7,7 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def run_missing(out: Path, jobs: list[tuple], key: tuple[str, ...], run: Callable[..., dict], describe: Callable[[dict], str]) -> list[dict]:
+def run_missing(
+    out: Path, jobs: list[tuple], key: tuple[str, ...], run: Callable[..., dict], describe: Callable[[dict], str]
+) -> list[dict]:
     """Run ``run(*job)`` for every job whose ``key`` fields are not yet in ``out``, appending each result as it
     finishes; return every recorded result, old and new."""
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []

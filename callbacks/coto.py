@@ -60,6 +60,8 @@ class ProgressiveActivation(TaskCallback):
             for name in group:
                 pl_module.lora_layers[name].slot_enabled = on
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         for layer in pl_module.lora_layers.values():
             layer.slot_enabled = True

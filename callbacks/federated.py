@@ -9,6 +9,8 @@ one model.
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -88,7 +90,9 @@ class FederatedRounds(Callback):
         ranks = self.client_ranks or [rank]
         bad = [r for r in ranks if not 1 <= r <= rank]
         if bad:
-            raise ValueError(f"client_ranks {bad} do not fit the model's LoRA rank {rank}: each must be in 1..{rank} (raise lora.rank)")
+            raise ValueError(
+                f"client_ranks {bad} do not fit the model's LoRA rank {rank}: each must be in 1..{rank} (raise lora.rank)"
+            )
         if self.rule.equal_ranks and len(set(ranks)) > 1:
             raise ValueError(
                 f"aggregation {self.rule.name!r} needs every client at one rank, but client_ranks={ranks} differ; "
@@ -124,7 +128,9 @@ class FederatedRounds(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.round_updates, self.current_client = [], None
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict, batch_idx: int
+    ) -> None:
         client = int(batch["client"][0])
         if client != self.current_client:
             if self.current_client is not None:
@@ -189,7 +195,9 @@ class FederatedRounds(Callback):
             state = self.rule.aggregate(kept, start, pl_module.lora_config.scale, rank)
             cosine, error = agreement(kept, state, pl_module.lora_config.scale)
         else:
-            rank_zero_warn(f"round {round_index}: every client failed ({len(excluded)} excluded); the global adapters stay as they were")
+            rank_zero_warn(
+                f"round {round_index}: every client failed ({len(excluded)} excluded); the global adapters stay as they were"
+            )
             state = GlobalState(start.adapters, start.head)  # nothing to merge again, no re-initialisation
         for name, (a, b) in state.merged.items():
             pl_module.lora_layers[name].absorb(a, b)
@@ -206,7 +214,8 @@ class FederatedRounds(Callback):
             "clients": len(sampled),
             "aggregated": len(kept),
             "excluded": len(excluded),
-            "bytes_down": element * sum(self.rule.download_numel(start, self.client_rank(k, rank), round_index == 0) for k in sampled),
+            "bytes_down": element
+            * sum(self.rule.download_numel(start, self.client_rank(k, rank), round_index == 0) for k in sampled),
             "bytes_up": element * sum(self.rule.upload_numel(u) for u in replies),
             "cosine_to_ideal": cosine,
             "error_to_ideal": error,
@@ -218,7 +227,10 @@ class FederatedRounds(Callback):
 
     @staticmethod
     def _read_slots(pl_module: pl.LightningModule) -> dict[str, tuple[Tensor, Tensor]]:
-        return {name: (layer.lora_A.detach().cpu().clone(), layer.lora_B.detach().cpu().clone()) for name, layer in pl_module.lora_layers.items()}
+        return {
+            name: (layer.lora_A.detach().cpu().clone(), layer.lora_B.detach().cpu().clone())
+            for name, layer in pl_module.lora_layers.items()
+        }
 
     @staticmethod
     def _read_head(pl_module: pl.LightningModule) -> dict[str, Tensor]:
@@ -241,7 +253,7 @@ class FederatedRounds(Callback):
     def _log_round(self, trainer: pl.Trainer) -> None:
         if not trainer.is_global_zero or not self.last_round:
             return
-        metrics = {f"fed/{k}": float(v) for k, v in self.last_round.items() if k != "round" and v == v}  # v == v: not NaN
+        metrics = {f"fed/{k}": float(v) for k, v in self.last_round.items() if k != "round" and not math.isnan(v)}
         accuracy = trainer.callback_metrics.get("val/acc")
         if accuracy is not None:
             metrics["fed/acc"] = float(accuracy)
@@ -261,8 +273,14 @@ class FederatedRounds(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure("fed/label_histogram", histogram_figure(histogram), global_step=0)
-                rows = ["| client | n | " + " | ".join(f"c{c}" for c in range(histogram.shape[1])) + " |", "|---" * (histogram.shape[1] + 2) + "|"]
-                rows += [f"| {k} | {sizes[k]} | " + " | ".join(map(str, row)) + " |" for k, row in enumerate(histogram.tolist())]
+                rows = [
+                    "| client | n | " + " | ".join(f"c{c}" for c in range(histogram.shape[1])) + " |",
+                    "|---" * (histogram.shape[1] + 2) + "|",
+                ]
+                rows += [
+                    f"| {k} | {sizes[k]} | " + " | ".join(map(str, row)) + " |"
+                    for k, row in enumerate(histogram.tolist())
+                ]
                 logger.experiment.add_text("fed/label_histogram_table", "\n".join(rows), global_step=0)
 
     # -- checkpoints --------------------------------------------------------------------------------------
@@ -270,7 +288,9 @@ class FederatedRounds(Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self.state_key not in checkpoint.get("callbacks", {}):
             found = sorted(checkpoint.get("callbacks", {}))
-            raise ValueError(f"checkpoint was not written by a federated run (its callbacks: {found}); resume it with the scenario that wrote it")
+            raise ValueError(
+                f"checkpoint was not written by a federated run (its callbacks: {found}); resume it with the scenario that wrote it"
+            )
 
     def state_dict(self) -> dict:
         return {
@@ -283,7 +303,9 @@ class FederatedRounds(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict["rule"] != self.rule.name:
-            raise ValueError(f"checkpoint was aggregated with {state_dict['rule']!r}, this run asks for {self.rule.name!r}")
+            raise ValueError(
+                f"checkpoint was aggregated with {state_dict['rule']!r}, this run asks for {self.rule.name!r}"
+            )
         self.seed, self.rounds_closed = state_dict["seed"], state_dict["rounds_closed"]
         self.global_state = _state_from_dict(state_dict["global"])
         self.clients = {int(k): _update_from_dict(v) for k, v in state_dict["clients"].items()}
@@ -299,7 +321,12 @@ def _from_every_rank(obj, trainer: pl.Trainer) -> list:
 
 
 def _update_to_dict(update: ClientUpdate) -> dict:
-    return {"client": update.client, "num_samples": update.num_samples, "adapters": update.adapters, "head": update.head}
+    return {
+        "client": update.client,
+        "num_samples": update.num_samples,
+        "adapters": update.adapters,
+        "head": update.head,
+    }
 
 
 def _update_from_dict(d: dict) -> ClientUpdate:
@@ -311,7 +338,7 @@ def _state_to_dict(state: GlobalState) -> dict:
 
 
 def _state_from_dict(d: dict) -> GlobalState:
-    pairs = lambda m: {k: tuple(v) for k, v in m.items()}  # noqa: E731
+    pairs = lambda m: {k: tuple(v) for k, v in m.items()}
     return GlobalState(pairs(d["adapters"]), d["head"], pairs(d["merged"]))
 
 

@@ -72,11 +72,16 @@ class ForgettingLogger(Callback):
             logger.log_metrics(metrics, step=row + 1)
             if self.heatmap and isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure("cl/accuracy_matrix", heatmap_figure(self.matrix), global_step=row + 1)
-                logger.experiment.add_text("cl/accuracy_matrix_table", format_matrix(self.matrix, markdown=True), global_step=row + 1)
+                logger.experiment.add_text(
+                    "cl/accuracy_matrix_table", format_matrix(self.matrix, markdown=True), global_step=row + 1
+                )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         summary = self.summary()
-        lines = ["accuracy matrix R[i, j] (row i: after training task i; column j: evaluated task)", format_matrix(self.matrix)]
+        lines = [
+            "accuracy matrix R[i, j] (row i: after training task i; column j: evaluated task)",
+            format_matrix(self.matrix),
+        ]
         lines += [f"{k:>12}: {v:.4f}" if not math.isnan(v) else f"{k:>12}: n/a" for k, v in summary.as_dict().items()]
         if self.baseline is not None:
             lines.append("untrained accuracy per task: " + " ".join(f"{v:.3f}" for v in self.baseline.tolist()))
@@ -92,7 +97,7 @@ class ForgettingLogger(Callback):
 def format_matrix(matrix: torch.Tensor, markdown: bool = False) -> str:
     """The matrix as text, unmeasured entries blank; markdown for TensorBoard's text tab."""
     tasks = len(matrix)
-    cell = lambda v: "" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
+    cell = lambda v: "" if math.isnan(v) else f"{v:.3f}"
     if markdown:
         rows = ["| after \\ on | " + " | ".join(f"task {j}" for j in range(tasks)) + " |", "|---" * (tasks + 1) + "|"]
         rows += [f"| task {i} | " + " | ".join(cell(v) for v in matrix[i].tolist()) + " |" for i in range(tasks)]
@@ -114,7 +119,15 @@ def heatmap_figure(matrix: torch.Tensor):
         for j in range(tasks):
             value = matrix[i, j].item()
             if not math.isnan(value):
-                axes.text(j, i, f"{100 * value:.0f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
+                axes.text(
+                    j,
+                    i,
+                    f"{100 * value:.0f}",
+                    ha="center",
+                    va="center",
+                    color="white" if value < 0.6 else "black",
+                    fontsize=8,
+                )
     axes.set_xlabel("evaluated task j")
     axes.set_ylabel("after training task i")
     axes.set_xticks(range(tasks))

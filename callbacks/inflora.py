@@ -38,7 +38,9 @@ class InfLoRA(SubspaceMemory):
     @torch.no_grad()
     def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
         covariances = self.input_covariances(trainer, pl_module, task)
-        directions = self.per_layer(covariances, lambda covariance, memory: torch.linalg.svd(project_out(covariance, memory))[0])
+        directions = self.per_layer(
+            covariances, lambda covariance, memory: torch.linalg.svd(project_out(covariance, memory))[0]
+        )
         for name, layer in pl_module.lora_layers.items():
             layer.lora_A.copy_((self.a_scale * directions[name][:, : layer.rank].T).to(layer.lora_A))
             layer.lora_B.zero_()

@@ -34,7 +34,9 @@ class OLoRA(TaskCallback):
         layers = list(pl_module.lora_layers.values())
 
         def orthogonality() -> Tensor:
-            return self.lambda_orth * sum(orthogonality_penalty(layer.past_A, layer.lora_A, self.form) for layer in layers)
+            return self.lambda_orth * sum(
+                orthogonality_penalty(layer.past_A, layer.lora_A, self.form) for layer in layers
+            )
 
         def l2() -> Tensor:
             return self.lambda_l2 * sum(layer.lora_A.norm() + layer.lora_B.norm() for layer in layers)

@@ -66,7 +66,11 @@ class PLAN(SubspaceMemory):
         seed: int | None = None,
     ) -> None:
         super().__init__(threshold_start, threshold_end, max_examples)
-        for name, value, valid in (("pool", pool, POOLS), ("selection", selection, SELECTIONS), ("perturbation", perturbation, PERTURBATIONS)):
+        for name, value, valid in (
+            ("pool", pool, POOLS),
+            ("selection", selection, SELECTIONS),
+            ("perturbation", perturbation, PERTURBATIONS),
+        ):
             if value not in valid:
                 raise ValueError(f"PLAN {name} must be one of {valid}, got {value!r}")
         self.pool_kind, self.pool_size, self.selection = pool, pool_size, selection
@@ -148,7 +152,9 @@ class PLAN(SubspaceMemory):
 
     # -- component 3: perturbation ------------------------------------------------------------------------
 
-    def _start_perturbation(self, pl_module: pl.LightningModule, free: dict[str, Tensor], generator: torch.Generator) -> None:
+    def _start_perturbation(
+        self, pl_module: pl.LightningModule, free: dict[str, Tensor], generator: torch.Generator
+    ) -> None:
         self._stop_perturbation()
         if self.perturbation == "none":
             return
@@ -156,7 +162,9 @@ class PLAN(SubspaceMemory):
         for name, layer in pl_module.lora_layers.items():
             if self.perturbation == "future":
                 self._free[name] = free[name][:, : layer.rank].to(layer.lora_A)
-            self._hooks.append(layer.register_forward_hook(lambda module, args, out, n=name: self._perturb(n, module, args[0], out)))
+            self._hooks.append(
+                layer.register_forward_hook(lambda module, args, out, n=name: self._perturb(n, module, args[0], out))
+            )
 
     def _stop_perturbation(self) -> None:
         for hook in self._hooks:
@@ -172,7 +180,9 @@ class PLAN(SubspaceMemory):
             width = self._free[name].shape[1] if self.perturbation == "future" else layer.past_rank
             noise = torch.randn(layer.out_features, width, generator=self._generator, dtype=torch.float64)
             reference = 1.0 if self.perturbation == "future" else layer.past_B.norm().item()
-            self._noise[name] = (self.perturbation_scale * reference * noise / noise.norm().clamp_min(1e-12)).to(layer.lora_B)
+            self._noise[name] = (self.perturbation_scale * reference * noise / noise.norm().clamp_min(1e-12)).to(
+                layer.lora_B
+            )
 
     def _perturb(self, name: str, module, x: Tensor, out: Tensor) -> Tensor | None:
         noise = self._noise.get(name)
@@ -187,8 +197,17 @@ class PLAN(SubspaceMemory):
     # -- checkpoints --------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "pools": self.pools, "allocated": self.allocated, "old_covariance": self.old_covariance}
+        return {
+            **super().state_dict(),
+            "pools": self.pools,
+            "allocated": self.allocated,
+            "old_covariance": self.old_covariance,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        self.pools, self.allocated, self.old_covariance = state_dict["pools"], state_dict["allocated"], state_dict["old_covariance"]
+        self.pools, self.allocated, self.old_covariance = (
+            state_dict["pools"],
+            state_dict["allocated"],
+            state_dict["old_covariance"],
+        )

@@ -14,7 +14,7 @@ ADAPTER_MODES = ("stacked", "shared")
 def run_seed(seed: int | None = None) -> int:
     """``seed`` if given, else the run's ``seed_everything`` value (0 if none was set): the default base seed
     of the drivers and methods, so that changing the run's seed changes all of their draws."""
-    return seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+    return seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", "0"))
 
 
 def bind_epochs_to_stages(trainer: pl.Trainer, driver: Callback, needs: str, unit: str, example: str) -> None:
@@ -33,7 +33,9 @@ def bind_epochs_to_stages(trainer: pl.Trainer, driver: Callback, needs: str, uni
     if trainer.max_epochs in (None, -1):
         trainer.fit_loop.max_epochs = stages
     elif trainer.max_epochs > stages:
-        raise ValueError(f"trainer.max_epochs={trainer.max_epochs} exceeds the {stages} {unit}s; use at most {stages} (or -1 for all)")
+        raise ValueError(
+            f"trainer.max_epochs={trainer.max_epochs} exceeds the {stages} {unit}s; use at most {stages} (or -1 for all)"
+        )
 
 
 class TaskCallback(Callback):
@@ -101,12 +103,16 @@ class TaskSequencer(Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self.state_key not in checkpoint.get("callbacks", {}):
             found = sorted(checkpoint.get("callbacks", {}))
-            raise ValueError(f"checkpoint was not written by a continual-learning run (its callbacks: {found}); resume it with the scenario that wrote it")
+            raise ValueError(
+                f"checkpoint was not written by a continual-learning run (its callbacks: {found}); resume it with the scenario that wrote it"
+            )
 
     def state_dict(self) -> dict:
         return {"adapters": self.adapters, "seed": self.seed, "tasks_started": self.tasks_started}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict["adapters"] != self.adapters:
-            raise ValueError(f"checkpoint was trained with adapters={state_dict['adapters']!r}, this run asks for {self.adapters!r}")
+            raise ValueError(
+                f"checkpoint was trained with adapters={state_dict['adapters']!r}, this run asks for {self.adapters!r}"
+            )
         self.seed, self.tasks_started = state_dict["seed"], state_dict["tasks_started"]

@@ -28,7 +28,9 @@ class SubspaceMemory(TaskCallback):
             per task (None: the task's whole training set).
     """
 
-    def __init__(self, threshold_start: float = 0.95, threshold_end: float = 1.0, max_examples: int | None = None) -> None:
+    def __init__(
+        self, threshold_start: float = 0.95, threshold_end: float = 1.0, max_examples: int | None = None
+    ) -> None:
         for name, value in (("threshold_start", threshold_start), ("threshold_end", threshold_end)):
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
@@ -55,7 +57,10 @@ class SubspaceMemory(TaskCallback):
                 grams[id(x)] = (x, *token_gram(x))
             stat.add(*grams[id(x)][1:])
 
-        hooks = [layer.register_forward_pre_hook(lambda _, args, s=stats[name]: record(s, args[0])) for name, layer in layers.items()]
+        hooks = [
+            layer.register_forward_pre_hook(lambda _, args, s=stats[name]: record(s, args[0]))
+            for name, layer in layers.items()
+        ]
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -70,7 +75,9 @@ class SubspaceMemory(TaskCallback):
         seen: dict[tuple, Tensor] = {}  # a cheap fingerprint -> the first covariance with it; equal() confirms
         for name, stat in stats.items():
             total = trainer.strategy.reduce(stat.sum.to(pl_module.device), reduce_op="sum").cpu()
-            count = trainer.strategy.reduce(torch.tensor(float(stat.count), device=pl_module.device), reduce_op="sum").item()
+            count = trainer.strategy.reduce(
+                torch.tensor(float(stat.count), device=pl_module.device), reduce_op="sum"
+            ).item()
             covariance = total / max(count, 1.0)
             key = (covariance.shape, covariance.sum().item(), covariance.trace().item())
             if key not in seen or not torch.equal(seen[key], covariance):
@@ -88,7 +95,9 @@ class SubspaceMemory(TaskCallback):
         """Add the finished task's input subspace (measured with its adapter trained) to the memory."""
         self.update_memory(self.input_covariances(trainer, pl_module, task), task, trainer.datamodule.num_tasks)
 
-    def per_layer(self, covariances: dict[str, Tensor], compute: Callable[[Tensor, Tensor], Tensor]) -> dict[str, Tensor]:
+    def per_layer(
+        self, covariances: dict[str, Tensor], compute: Callable[[Tensor, Tensor], Tensor]
+    ) -> dict[str, Tensor]:
         """``compute(covariance, memory)`` for every layer, evaluated once for layers that share both tensors
         (query and value of one block), which then share the result."""
         results: dict[str, Tensor] = {}
@@ -102,7 +111,9 @@ class SubspaceMemory(TaskCallback):
 
     def update_memory(self, covariances: dict[str, Tensor], task: int, num_tasks: int) -> None:
         threshold = threshold_schedule(task, num_tasks, self.threshold_start, self.threshold_end)
-        self.bases.update(self.per_layer(covariances, lambda covariance, memory: expand_memory(memory, covariance, threshold)))
+        self.bases.update(
+            self.per_layer(covariances, lambda covariance, memory: expand_memory(memory, covariance, threshold))
+        )
 
     # -- keeping the trainable down-projection out of a protected subspace --------------------------------
 
@@ -115,12 +126,16 @@ class SubspaceMemory(TaskCallback):
         for name, layer in pl_module.lora_layers.items():
             basis = self.protected_basis(name, layer.in_features)
             if basis is not None and basis.shape[1] and layer.lora_A.requires_grad:
-                layer.lora_A.copy_(project_rows_out(layer.lora_A.double(), basis.to(layer.lora_A.device)).to(layer.lora_A.dtype))
+                layer.lora_A.copy_(
+                    project_rows_out(layer.lora_A.double(), basis.to(layer.lora_A.device)).to(layer.lora_A.dtype)
+                )
 
     def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
         self.keep_out_of_protected(pl_module)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         # After the optimizer step: project the step's change of A (A was already outside the protected span).
         self.keep_out_of_protected(pl_module)
 

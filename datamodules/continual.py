@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 
 import lightning.pytorch as pl
-from lightning.pytorch.trainer.states import TrainerFn
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -56,7 +56,9 @@ def class_incremental_layout(
             raise ValueError(f"task split names unknown classes {unknown}; the data has classes {sorted(known)}")
         flat = [c for task in tasks for c in task]
         if len(flat) != len(set(flat)):
-            raise ValueError(f"task split repeats classes across tasks: {sorted({c for c in flat if flat.count(c) > 1})}")
+            raise ValueError(
+                f"task split repeats classes across tasks: {sorted({c for c in flat if flat.count(c) > 1})}"
+            )
         order, sizes = flat, [len(task) for task in tasks]
     else:
         if classes_per_task is None or classes_per_task <= 0 or len(classes) % classes_per_task:
@@ -79,7 +81,9 @@ def domain_incremental_layout(classes: list[str], domains: list[str], order: lis
     if order is not None:
         unknown = sorted(set(order) - set(domains))
         if unknown:
-            raise ValueError(f"domain order names unknown domains {unknown}; the data has domains {sorted(set(domains))}")
+            raise ValueError(
+                f"domain order names unknown domains {unknown}; the data has domains {sorted(set(domains))}"
+            )
     names = list(order) if order is not None else sorted(set(domains))
     all_ids = list(range(len(classes)))
     return TaskLayout("domain_incremental", sorted(classes), [all_ids for _ in names], names)
@@ -140,7 +144,16 @@ class ShardedBatchSampler(Sampler[list[int]]):
     single-process batch; a last global batch smaller than ``W`` is dropped so that every rank takes a step.
     """
 
-    def __init__(self, indices: list[int], batch_size: int, seed: int, passes: int = 1, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        indices: list[int],
+        batch_size: int,
+        seed: int,
+        passes: int = 1,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.indices, self.batch_size, self.seed, self.passes = indices, batch_size, seed, passes
         self.shuffle, self.rank, self.world_size = shuffle, rank, world_size
 
@@ -269,7 +282,9 @@ class TaskSequenceDataModule(pl.LightningDataModule):
                 raise ValueError(f"domain_incremental needs a source with domains; {self.source.describe()} has none")
             self.layout = domain_incremental_layout(classes, train.domains, self.domains)
         else:
-            self.layout = class_incremental_layout(classes, self.scenario, self.classes_per_task, self.tasks, self.class_order_seed)
+            self.layout = class_incremental_layout(
+                classes, self.scenario, self.classes_per_task, self.tasks, self.class_order_seed
+            )
         tokenizer, self.pad_id = tokenizer_for(train, self.tokenizer_name)
         self._splits = {"train": self._encode(train, tokenizer), "test": self._encode(test, tokenizer)}
 
@@ -295,14 +310,21 @@ class TaskSequenceDataModule(pl.LightningDataModule):
             task_indices[task].append(i)
         return encode_examples(examples.subset(keep), class_id, tokenizer, self.max_length), task_indices
 
-    def _loader(self, split: str, indices: list[int], batch_size: int, shuffle: bool, seed: int = 0, passes: int = 1) -> DataLoader:
+    def _loader(
+        self, split: str, indices: list[int], batch_size: int, shuffle: bool, seed: int = 0, passes: int = 1
+    ) -> DataLoader:
         dataset, _ = self._splits[split]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         if shuffle:
             sampler = ShardedBatchSampler(indices, batch_size, seed, passes, True, rank, world)
         else:
             sampler = ShardedBatchSampler(eval_shard(indices, rank, world), batch_size, seed, passes, False)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=partial(collate, pad_id=self.pad_id), num_workers=self.num_workers)
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=partial(collate, pad_id=self.pad_id),
+            num_workers=self.num_workers,
+        )
 
     @property
     def current_stage(self) -> int:
@@ -321,7 +343,9 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         indices = [i for task in task_indices for i in task] if self.joint else task_indices[stage]
         if not indices:
             raise ValueError(f"task {stage} ({self.layout.task_names[stage]}) has no training examples")
-        return self._loader("train", indices, self.batch_size, True, seed=self.seed * 7919 + stage, passes=self.passes_per_task)
+        return self._loader(
+            "train", indices, self.batch_size, True, seed=self.seed * 7919 + stage, passes=self.passes_per_task
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         count = self.num_tasks if self.eval_tasks == "all" else self.seen_now()

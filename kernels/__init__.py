@@ -120,7 +120,9 @@ def stacked_lora_linear(
     if _use_triton(kernel, x, weight, bias, lora_A, lora_B, past_A, past_B):
         from . import triton_lora
 
-        return triton_lora.stacked_lora_linear(x, weight, bias, lora_A, lora_B, scale, past_A, past_B, dropout, training)
+        return triton_lora.stacked_lora_linear(
+            x, weight, bias, lora_A, lora_B, scale, past_A, past_B, dropout, training
+        )
     return reference.stacked_lora_linear(x, weight, bias, lora_A, lora_B, scale, past_A, past_B, dropout, training)
 
 

@@ -63,8 +63,13 @@ def _gemm_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
     shapes = [
-        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-        (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4),
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 128, 32, 4, 4),
     ]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
@@ -109,14 +114,30 @@ def _dropout_scale_kernel(out_ptr, M, K, p, seed, BLOCK_M: tl.constexpr, BLOCK_K
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     scale = _dropout_scale(seed, rows, tl.program_id(1) * BLOCK_K, K, p, BLOCK_K)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], scale, mask=(rows < M)[:, None] & (cols < K)[None, :])
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], scale, mask=(rows < M)[:, None] & (cols < K)[None, :]
+    )
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _shrink_kernel(
-    x_ptr, a_ptr, s_ptr, M, K, R, R_SLOT, scale, p, seed,
-    DROPOUT: tl.constexpr, PLAIN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    x_ptr,
+    a_ptr,
+    s_ptr,
+    M,
+    K,
+    R,
+    R_SLOT,
+    scale,
+    p,
+    seed,
+    DROPOUT: tl.constexpr,
+    PLAIN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """One token tile and rank chunk of ``S = [D(X) A_slotᵀ | X A_pastᵀ] ⊙ c``. With dropout and a frozen
     stack both products run over the same loaded X tile (the kernel is memory-bound, the second dot is free)
@@ -148,9 +169,24 @@ def _shrink_kernel(
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr, M, N, K, R,
-    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    s_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    R,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """One output tile of ``Y = S Bᵀ + X Wᵀ + b``: the rank-R expand starts the accumulator, then the base GEMM."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -179,9 +215,24 @@ def _forward_kernel(
 
 @triton.jit
 def _dy_kernel(
-    dy_ptr, b_ptr, s_ptr, g_ptr, db_ptr, M, N, R, R_SLOT, scale, tiles_per_split,
-    NEED_G: tl.constexpr, NEED_DB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    dy_ptr,
+    b_ptr,
+    s_ptr,
+    g_ptr,
+    db_ptr,
+    M,
+    N,
+    R,
+    R_SLOT,
+    scale,
+    tiles_per_split,
+    NEED_G: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """One rank chunk of ``G = (dY B) ⊙ c`` and this split's partial ``dB = dYᵀ S`` from a single read of dY.
 
@@ -199,13 +250,17 @@ def _dy_kernel(
         out_ok = outs < N
         outs64 = outs.to(tl.int64)
         if NEED_G:
-            b = tl.load(b_ptr + outs64[:, None] * R + ranks[None, :], mask=out_ok[:, None] & rank_ok[None, :], other=0.0)
+            b = tl.load(
+                b_ptr + outs64[:, None] * R + ranks[None, :], mask=out_ok[:, None] & rank_ok[None, :], other=0.0
+            )
         db = tl.zeros((BLOCK_N, BLOCK_R), ACC)
-        for t in range(0, tiles_per_split):
+        for t in range(tiles_per_split):
             rows = first_row + t * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = rows < M
             rows64 = rows.to(tl.int64)
-            dy = tl.load(dy_ptr + rows64[:, None] * N + outs[None, :], mask=row_ok[:, None] & out_ok[None, :], other=0.0)
+            dy = tl.load(
+                dy_ptr + rows64[:, None] * N + outs[None, :], mask=row_ok[:, None] & out_ok[None, :], other=0.0
+            )
             tile_mask = row_ok[:, None] & rank_ok[None, :]
             if NEED_DB:
                 s = tl.load(s_ptr + rows64[:, None] * R + ranks[None, :], mask=tile_mask, other=0.0)
@@ -238,9 +293,26 @@ def _rank_term(acc, g_ptr, a_ptr, rows, cols, M, K, R, start, stop, BLOCK_R: tl.
 
 @triton.jit(do_not_specialize=["seed"])
 def _dx_kernel(
-    dy_ptr, w_ptr, g_ptr, a_ptr, dx_ptr, M, N, K, R, R_SLOT, p, seed,
-    DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    dy_ptr,
+    w_ptr,
+    g_ptr,
+    a_ptr,
+    dx_ptr,
+    M,
+    N,
+    K,
+    R,
+    R_SLOT,
+    p,
+    seed,
+    DROPOUT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """One tile of ``dX = D ⊙ (G_slot A_slot) + G_past A_past + dY W``. The tile names follow the GEMM, as in
     :func:`_forward_kernel`: ``BLOCK_N`` tiles the output columns (``d_in``), ``BLOCK_K`` the reduction
@@ -269,8 +341,21 @@ def _dx_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _da_kernel(
-    x_ptr, g_ptr, da_ptr, M, K, R, R_SLOT, p, seed, tiles_per_split,
-    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    x_ptr,
+    g_ptr,
+    da_ptr,
+    M,
+    K,
+    R,
+    R_SLOT,
+    p,
+    seed,
+    tiles_per_split,
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """This split's partial ``dA = G_slotᵀ D(X)`` for one column tile and rank chunk of ``A_slot``."""
@@ -280,7 +365,7 @@ def _da_kernel(
     col_ok, rank_ok = cols < K, ranks < R_SLOT
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_R, BLOCK_K), ACC)
-    for t in range(0, tiles_per_split):
+    for t in range(tiles_per_split):
         rows = (split * tiles_per_split + t) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         rows64 = rows.to(tl.int64)
@@ -357,16 +442,44 @@ class FusedLoRALinear(torch.autograd.Function):
 
         s = torch.empty(M, R, dtype=x.dtype, device=x.device)
         _launch(
-            _shrink_kernel, (triton.cdiv(M, _TILE), triton.cdiv(R, block_r)),
-            x_ptr=x, a_ptr=a_cat, s_ptr=s, M=M, K=K, R=R, R_SLOT=r_slot, scale=scale, p=p, seed=seed,
-            DROPOUT=dropout, PLAIN=R > r_slot or not dropout,
-            BLOCK_M=_TILE, BLOCK_K=_TILE, BLOCK_R=block_r, PRECISION=precision, ACC=acc,
+            _shrink_kernel,
+            (triton.cdiv(M, _TILE), triton.cdiv(R, block_r)),
+            x_ptr=x,
+            a_ptr=a_cat,
+            s_ptr=s,
+            M=M,
+            K=K,
+            R=R,
+            R_SLOT=r_slot,
+            scale=scale,
+            p=p,
+            seed=seed,
+            DROPOUT=dropout,
+            PLAIN=r_slot < R or not dropout,
+            BLOCK_M=_TILE,
+            BLOCK_K=_TILE,
+            BLOCK_R=block_r,
+            PRECISION=precision,
+            ACC=acc,
         )
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
         _launch(
-            _forward_gemm, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
-            x_ptr=x, w_ptr=weight, bias_ptr=bias, s_ptr=s, b_ptr=b_cat, y_ptr=y, M=M, N=N, K=K, R=R,
-            HAS_BIAS=bias is not None, BLOCK_R=block_r, PRECISION=precision, ACC=acc,
+            _forward_gemm,
+            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+            x_ptr=x,
+            w_ptr=weight,
+            bias_ptr=bias,
+            s_ptr=s,
+            b_ptr=b_cat,
+            y_ptr=y,
+            M=M,
+            N=N,
+            K=K,
+            R=R,
+            HAS_BIAS=bias is not None,
+            BLOCK_R=block_r,
+            PRECISION=precision,
+            ACC=acc,
         )
         need_dx, need_da, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         ctx.save_for_backward(
@@ -397,29 +510,74 @@ class FusedLoRALinear(torch.autograd.Function):
             splits, per_split = _splits(triton.cdiv(M, _TILE), chunks, device)
             db_part = torch.empty(splits, N, r_slot, dtype=acc_dtype, device=device) if need_db else None
             _launch(
-                _dy_kernel, (splits, chunks),
-                dy_ptr=dy, b_ptr=b_cat, s_ptr=s, g_ptr=g, db_ptr=db_part, M=M, N=N, R=R, R_SLOT=r_slot,
-                scale=ctx.scale, tiles_per_split=per_split, NEED_G=need_g, NEED_DB=need_db,
-                BLOCK_M=_TILE, BLOCK_N=_TILE, BLOCK_R=block_r, PRECISION=precision, ACC=acc,
+                _dy_kernel,
+                (splits, chunks),
+                dy_ptr=dy,
+                b_ptr=b_cat,
+                s_ptr=s,
+                g_ptr=g,
+                db_ptr=db_part,
+                M=M,
+                N=N,
+                R=R,
+                R_SLOT=r_slot,
+                scale=ctx.scale,
+                tiles_per_split=per_split,
+                NEED_G=need_g,
+                NEED_DB=need_db,
+                BLOCK_M=_TILE,
+                BLOCK_N=_TILE,
+                BLOCK_R=block_r,
+                PRECISION=precision,
+                ACC=acc,
             )
             if need_db:
                 db = db_part.sum(0).to(dtype)
         if need_dx:
             dx = torch.empty(M, K, dtype=dtype, device=device)
             _launch(
-                _dx_gemm, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
-                dy_ptr=dy, w_ptr=weight, g_ptr=g, a_ptr=a_cat, dx_ptr=dx, M=M, N=N, K=K, R=R, R_SLOT=r_slot,
-                p=p, seed=seed, DROPOUT=p > 0, BLOCK_R=block_r, PRECISION=precision, ACC=acc,
+                _dx_gemm,
+                lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
+                dy_ptr=dy,
+                w_ptr=weight,
+                g_ptr=g,
+                a_ptr=a_cat,
+                dx_ptr=dx,
+                M=M,
+                N=N,
+                K=K,
+                R=R,
+                R_SLOT=r_slot,
+                p=p,
+                seed=seed,
+                DROPOUT=p > 0,
+                BLOCK_R=block_r,
+                PRECISION=precision,
+                ACC=acc,
             )
         if need_da:
             tiles = (triton.cdiv(K, _TILE), triton.cdiv(r_slot, block_r))
             splits, per_split = _splits(triton.cdiv(M, _TILE), tiles[0] * tiles[1], device)
             da_part = torch.empty(splits, r_slot, K, dtype=acc_dtype, device=device)
             _launch(
-                _da_kernel, (*tiles, splits),
-                x_ptr=x, g_ptr=g, da_ptr=da_part, M=M, K=K, R=R, R_SLOT=r_slot, p=p, seed=seed,
-                tiles_per_split=per_split, DROPOUT=p > 0,
-                BLOCK_M=_TILE, BLOCK_K=_TILE, BLOCK_R=block_r, PRECISION=precision, ACC=acc,
+                _da_kernel,
+                (*tiles, splits),
+                x_ptr=x,
+                g_ptr=g,
+                da_ptr=da_part,
+                M=M,
+                K=K,
+                R=R,
+                R_SLOT=r_slot,
+                p=p,
+                seed=seed,
+                tiles_per_split=per_split,
+                DROPOUT=p > 0,
+                BLOCK_M=_TILE,
+                BLOCK_K=_TILE,
+                BLOCK_R=block_r,
+                PRECISION=precision,
+                ACC=acc,
             )
             da = da_part.sum(0).to(dtype)
         return dx, None, None, da, db, None, None, None, None, None
@@ -447,7 +605,9 @@ def fused_lora_linear(
     lead, K = x.shape[:-1], x.shape[-1]
     bias = None if bias is None else bias.contiguous()
     x2d = x.reshape(-1, K).contiguous()
-    y = FusedLoRALinear.apply(x2d, weight.contiguous(), bias, lora_A, lora_B, past_A, past_B, float(scale), float(p), seed)
+    y = FusedLoRALinear.apply(
+        x2d, weight.contiguous(), bias, lora_A, lora_B, past_A, past_B, float(scale), float(p), seed
+    )
     return y.reshape(*lead, weight.shape[0])
 
 

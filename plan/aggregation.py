@@ -104,7 +104,11 @@ def agreement(updates: list[ClientUpdate], state: GlobalState, scale: float) -> 
         b_i = scale * b_i
         a_g, b_g = state.merged[layer] if state.reinit else state.adapters[layer]
         a_g, b_g = a_g.double(), b_g.double() * (1.0 if state.reinit else scale)
-        ideal, rule, cross = factored_inner(a_i, b_i, a_i, b_i), factored_inner(a_g, b_g, a_g, b_g), factored_inner(a_i, b_i, a_g, b_g)
+        ideal, rule, cross = (
+            factored_inner(a_i, b_i, a_i, b_i),
+            factored_inner(a_g, b_g, a_g, b_g),
+            factored_inner(a_i, b_i, a_g, b_g),
+        )
         if ideal <= 0:
             continue
         cosines.append(float(cross / (ideal * rule).clamp_min(1e-300).sqrt()))
@@ -122,7 +126,10 @@ def fedit(updates: list[ClientUpdate]) -> GlobalState:
     ``sum_k p_k (B_k - B_bar)(A_k - A_bar)``, the factors' weighted covariance."""
     p = client_weights(updates)
     adapters = {
-        layer: (weighted_sum([u.adapters[layer][0] for u in updates], p), weighted_sum([u.adapters[layer][1] for u in updates], p))
+        layer: (
+            weighted_sum([u.adapters[layer][0] for u in updates], p),
+            weighted_sum([u.adapters[layer][1] for u in updates], p),
+        )
         for layer in updates[0].adapters
     }
     return GlobalState(adapters, average_head(updates, p))
@@ -138,7 +145,10 @@ def ffa_lora(updates: list[ClientUpdate], shared_A: dict[str, Tensor]) -> Global
                     f"layer '{layer}' (max change {(a - shared_A[layer]).abs().max().item():.3g}); keep lora_A frozen"
                 )
     p = client_weights(updates)
-    adapters = {layer: (shared_A[layer], weighted_sum([u.adapters[layer][1] for u in updates], p)) for layer in updates[0].adapters}
+    adapters = {
+        layer: (shared_A[layer], weighted_sum([u.adapters[layer][1] for u in updates], p))
+        for layer in updates[0].adapters
+    }
     return GlobalState(adapters, average_head(updates, p))
 
 
@@ -151,7 +161,7 @@ def fair_correction(
 
     ``A_bar`` is fixed, so the target ``T = B_stk A_stk`` enters the loss only through ``T A_bar^T`` (d x r)
     and ``||T||``, both computed once: each SGD step then costs O(d r^2), whatever the number of clients."""
-    t = lambda m: m.transpose(-1, -2)  # noqa: E731
+    t = lambda m: m.transpose(-1, -2)
     a_stk, b_stk, a_bar, b_bar = (m.detach().double() for m in (a_stk, b_stk, a_bar, b_bar))
     target = b_stk @ (a_stk @ t(a_bar))
     gram = a_bar @ t(a_bar)
@@ -162,7 +172,9 @@ def fair_correction(
         for _ in range(steps):
             optimizer.zero_grad()
             b = b_bar + delta
-            cosine = (b * target).sum((-1, -2)) / (((t(b) @ b) * gram).sum((-1, -2)).clamp_min(1e-300).sqrt() * target_norm)
+            cosine = (b * target).sum((-1, -2)) / (
+                ((t(b) @ b) * gram).sum((-1, -2)).clamp_min(1e-300).sqrt() * target_norm
+            )
             loss = (1 - cosine + lam * delta.pow(2).sum((-1, -2))).sum()
             loss.backward()
             optimizer.step()
@@ -199,7 +211,10 @@ def flexlora(updates: list[ClientUpdate], rank: int) -> GlobalState:
     for layer in updates[0].adapters:
         a_stk, b_stk = stacked_factors(updates, layer, p)
         u, s, vh = factored_svd(a_stk, b_stk)
-        a, b = torch.zeros(rank, a_stk.shape[1], dtype=torch.float64), torch.zeros(b_stk.shape[0], rank, dtype=torch.float64)
+        a, b = (
+            torch.zeros(rank, a_stk.shape[1], dtype=torch.float64),
+            torch.zeros(b_stk.shape[0], rank, dtype=torch.float64),
+        )
         keep = min(rank, len(s))
         a[:keep], b[:, :keep] = vh[:keep], u[:, :keep] * s[:keep]
         dtype = updates[0].adapters[layer][0].dtype
@@ -229,7 +244,9 @@ def update_norm(update: ClientUpdate, start: GlobalState) -> float:
     for layer, (a, b) in update.adapters.items():
         a0, b0 = start.adapters[layer]
         rank = a.shape[0]
-        total += float((a.double() - a0[:rank].double()).pow(2).sum() + (b.double() - b0[:, :rank].double()).pow(2).sum())
+        total += float(
+            (a.double() - a0[:rank].double()).pow(2).sum() + (b.double() - b0[:, :rank].double()).pow(2).sum()
+        )
     for name, tensor in update.head.items():
         total += float((tensor.double() - start.head[name].double()).pow(2).sum())
     return math.sqrt(total)
@@ -253,7 +270,9 @@ def screen_updates(
         median = float(torch.tensor(list(norms.values())).median())
         for u in finite:
             if median > 0 and norms[u.client] > norm_ratio * median:
-                excluded[u.client] = f"update norm {norms[u.client]:.3g} > {norm_ratio:g} x the round's median {median:.3g}"
+                excluded[u.client] = (
+                    f"update norm {norms[u.client]:.3g} > {norm_ratio:g} x the round's median {median:.3g}"
+                )
     return [u for u in finite if u.client not in excluded], excluded
 
 
@@ -279,7 +298,9 @@ class AggregationRule:
 
     def download_numel(self, state: GlobalState, client_rank: int, first_round: bool) -> int:
         """Floats the server sends one client at a round start: the client's share of A and B, and the head."""
-        return sum((a.shape[1] + b.shape[0]) * client_rank for a, b in state.adapters.values()) + _head_numel(state.head)
+        return sum((a.shape[1] + b.shape[0]) * client_rank for a, b in state.adapters.values()) + _head_numel(
+            state.head
+        )
 
 
 def _head_numel(head: dict[str, Tensor]) -> int:
@@ -363,7 +384,9 @@ def make_rule(rule: str | AggregationRule) -> AggregationRule:
     if isinstance(rule, AggregationRule):
         return rule
     if rule not in RULES:
-        raise ValueError(f"unknown aggregation rule {rule!r}; choose one of {sorted(RULES)} (or pass a plan.aggregation.AggregationRule)")
+        raise ValueError(
+            f"unknown aggregation rule {rule!r}; choose one of {sorted(RULES)} (or pass a plan.aggregation.AggregationRule)"
+        )
     return RULES[rule]()
 
 

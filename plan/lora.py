@@ -157,13 +157,17 @@ class LoRALinear(nn.Module):
             kernel=self.kernel,
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # The frozen stack grows task by task: take the stored size instead of refusing the mismatch.
         for name in ("past_A", "past_B"):
             stored = state_dict.get(prefix + name)
             if stored is not None:
                 setattr(self, name, torch.empty_like(stored, device=self.lora_A.device, dtype=self.lora_A.dtype))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -245,7 +249,9 @@ def load_adapters(model: nn.Module, path: str | Path) -> None:
     expected = set(adapter_state_dict(model))
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"adapter file {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"adapter file {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for name, layer in layers.items():
         layer.load_state_dict({k: state[f"{name}.{k}"] for k in ("lora_A", "lora_B", "past_A", "past_B")}, strict=False)
 

@@ -81,7 +81,7 @@ class ContinualSummary:
     fwt: float
 
     @classmethod
-    def of(cls, R: Tensor | list[list[float]], baseline: Tensor | list[float] | None = None) -> "ContinualSummary":
+    def of(cls, R: Tensor | list[list[float]], baseline: Tensor | list[float] | None = None) -> ContinualSummary:
         R = _as_matrix(R)
         has_upper = len(R) > 1 and not torch.isnan(R.diagonal(1)).any()
         fwt = forward_transfer(R, baseline) if baseline is not None and has_upper else math.nan

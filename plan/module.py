@@ -84,7 +84,9 @@ class ContinualClassifier(pl.LightningModule):
         if self.layout is None:
             datamodule = self.trainer.datamodule
             if datamodule is None or not hasattr(datamodule, "layout"):
-                raise ValueError("ContinualClassifier needs a task-sequence datamodule (plan.datamodules.TaskSequenceDataModule)")
+                raise ValueError(
+                    "ContinualClassifier needs a task-sequence datamodule (plan.datamodules.TaskSequenceDataModule)"
+                )
             datamodule.setup(stage)
             self.configure_layout(datamodule.layout)
 

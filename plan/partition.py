@@ -75,7 +75,9 @@ def dirichlet_partition(
     )
 
 
-def shard_partition(labels: Sequence, num_clients: int, shards_per_client: int, seed: int, min_size: int = 1) -> list[list[int]]:
+def shard_partition(
+    labels: Sequence, num_clients: int, shards_per_client: int, seed: int, min_size: int = 1
+) -> list[list[int]]:
     """FedAvg's pathological split: examples sorted by label are cut into ``num_clients * shards_per_client``
     equal shards and each client draws ``shards_per_client`` of them at random, so it sees few classes."""
     if shards_per_client < 1:
@@ -85,9 +87,14 @@ def shard_partition(labels: Sequence, num_clients: int, shards_per_client: int, 
     classes, members = _classes(labels)
     rng = _rng(seed)
     by_label = [members[c][j] for c in classes for j in rng.permutation(len(members[c]))]
-    shards = [by_label[s * len(by_label) // num_shards : (s + 1) * len(by_label) // num_shards] for s in range(num_shards)]
+    shards = [
+        by_label[s * len(by_label) // num_shards : (s + 1) * len(by_label) // num_shards] for s in range(num_shards)
+    ]
     deal = rng.permutation(num_shards).tolist()
-    return [sorted(i for s in deal[c * shards_per_client : (c + 1) * shards_per_client] for i in shards[s]) for c in range(num_clients)]
+    return [
+        sorted(i for s in deal[c * shards_per_client : (c + 1) * shards_per_client] for i in shards[s])
+        for c in range(num_clients)
+    ]
 
 
 def domain_partition(
@@ -98,7 +105,9 @@ def domain_partition(
     IID, or by ``Dirichlet(alpha)`` over labels (feature + label non-IID) when ``alpha`` is given."""
     names = sorted(set(domains), key=str)
     if num_clients < len(names):
-        raise ValueError(f"a domain partition needs at least one client per domain: {len(names)} domains {names}, got {num_clients} clients")
+        raise ValueError(
+            f"a domain partition needs at least one client per domain: {len(names)} domains {names}, got {num_clients} clients"
+        )
     result: list[list[int]] = [[] for _ in range(num_clients)]
     for d, name in enumerate(names):
         owners = list(range(d, num_clients, len(names)))

@@ -43,7 +43,10 @@ TINY_RUN = {
         "enable_progress_bar": False,
         "enable_model_summary": False,
         "log_every_n_steps": 1,
-        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": None, "name": "tiny", "version": "v"}},
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": None, "name": "tiny", "version": "v"},
+        },
         "callbacks": [
             {"class_path": "plan.callbacks.TaskSequencer", "init_args": {"adapters": "stacked"}},
             {"class_path": "plan.callbacks.ForgettingLogger"},
@@ -51,7 +54,11 @@ TINY_RUN = {
     },
     "model": {
         "class_path": "plan.module.ContinualClassifier",
-        "init_args": {"backbone_config": TINY_BERT, "lora": {"rank": 4, "alpha": 8, "target_modules": ["query", "value"]}, "lr": 0.01},
+        "init_args": {
+            "backbone_config": TINY_BERT,
+            "lora": {"rank": 4, "alpha": 8, "target_modules": ["query", "value"]},
+            "lr": 0.01,
+        },
     },
     "data": {
         "class_path": "plan.datamodules.TaskSequenceDataModule",

@@ -67,7 +67,9 @@ def test_fedit_gap_is_the_factor_covariance():
     updates = make_updates()
     a_bar, b_bar = fedit(updates).adapters["layer"]
     p = client_weights(updates).tolist()
-    covariance = sum(w * (u.adapters["layer"][1] - b_bar) @ (u.adapters["layer"][0] - a_bar) for w, u in zip(p, updates))
+    covariance = sum(
+        w * (u.adapters["layer"][1] - b_bar) @ (u.adapters["layer"][0] - a_bar) for w, u in zip(p, updates)
+    )
     gap = SCALE * product(a_bar, b_bar) - ideal_update(updates, "layer", SCALE)
     torch.testing.assert_close(gap, -SCALE * covariance, rtol=0, atol=1e-12)
     assert gap.norm() > 1e-2 * ideal_update(updates, "layer", SCALE).norm()
@@ -152,7 +154,10 @@ def test_agreement_measures_each_rule_against_the_dense_ideal(ranks):
 
 def test_compress_factors_is_exact_and_no_wider_than_the_layer():
     g = torch.Generator().manual_seed(1)
-    a, b = torch.randn(30, D_IN, generator=g, dtype=torch.float64), torch.randn(D_OUT, 30, generator=g, dtype=torch.float64)
+    a, b = (
+        torch.randn(30, D_IN, generator=g, dtype=torch.float64),
+        torch.randn(D_OUT, 30, generator=g, dtype=torch.float64),
+    )
     a2, b2 = compress_factors(a, b)
     assert a2.shape == (D_IN, D_IN) and b2.shape == (D_OUT, D_IN)
     torch.testing.assert_close(b2 @ a2, b @ a, rtol=0, atol=1e-11)
@@ -162,7 +167,9 @@ def test_compress_factors_is_exact_and_no_wider_than_the_layer():
 
 def start_state(updates: list[ClientUpdate]) -> GlobalState:
     a, b = updates[0].adapters["layer"]
-    return GlobalState({"layer": (torch.zeros_like(a), torch.zeros_like(b))}, {"weight": torch.zeros(4, 6, dtype=torch.float64)})
+    return GlobalState(
+        {"layer": (torch.zeros_like(a), torch.zeros_like(b))}, {"weight": torch.zeros(4, 6, dtype=torch.float64)}
+    )
 
 
 def test_screening_excludes_nan_and_absurd_updates_and_keeps_the_rest():
@@ -189,6 +196,9 @@ def test_payloads_follow_what_each_rule_sends():
 
 
 def test_unknown_rule_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown aggregation rule 'fedavg'; choose one of \['fedit', 'ffa_lora', 'flexlora', 'flora', 'lora_fair'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown aggregation rule 'fedavg'; choose one of \['fedit', 'ffa_lora', 'flexlora', 'flora', 'lora_fair'\]",
+    ):
         make_rule("fedavg")
     assert isinstance(make_rule("ffa_lora"), FFALoRA)

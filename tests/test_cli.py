@@ -83,7 +83,12 @@ def test_stacked_adapters_freeze_each_task(tiny):
 
 def test_shared_adapter_keeps_training(tiny):
     """Sequential LoRA: no frozen stack, the one adapter carries every task's update."""
-    config = tiny.config(trainer__callbacks=[{"class_path": "plan.callbacks.TaskSequencer", "init_args": {"adapters": "shared"}}, {"class_path": "plan.callbacks.ForgettingLogger"}])
+    config = tiny.config(
+        trainer__callbacks=[
+            {"class_path": "plan.callbacks.TaskSequencer", "init_args": {"adapters": "shared"}},
+            {"class_path": "plan.callbacks.ForgettingLogger"},
+        ]
+    )
     fit(config)
     state = tiny.last()["state_dict"]
     assert all(state[k].numel() == 0 for k in state if k.endswith("past_A"))
@@ -130,7 +135,9 @@ def test_ddp_two_processes_match_single_process(tiny):
     config = tiny.config("ddp", trainer__strategy="ddp", trainer__devices=2)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     plan = shutil.which("plan") or f"{sys.executable} -m plan.cli"
-    result = subprocess.run([*plan.split(), "fit", "--config", str(config)], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [*plan.split(), "fit", "--config", str(config)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     single, ddp = tiny.matrix("single"), tiny.matrix("ddp")
     lower = ~torch.isnan(single)
@@ -171,7 +178,11 @@ def test_eval_on_all_tasks_measures_forward_transfer(tiny):
     """Validating on every task fills the whole matrix; the untrained accuracy is measured once, and the
     logged forward transfer is mean_i (R[i-1, i] - b[i])."""
     source = {"class_path": "plan.datamodules.SyntheticSource", "init_args": {"num_classes": 4, "num_domains": 3}}
-    fit(tiny.config(data__init_args={"source": source, "scenario": "domain_incremental", "eval_tasks": "all", "batch_size": 8}))
+    fit(
+        tiny.config(
+            data__init_args={"source": source, "scenario": "domain_incremental", "eval_tasks": "all", "batch_size": 8}
+        )
+    )
     state = tiny.last()["callbacks"]["ForgettingLogger"]
     matrix, baseline = state["matrix"], state["baseline"]
     assert not torch.isnan(matrix).any() and baseline.shape == (3,)

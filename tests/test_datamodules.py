@@ -23,7 +23,9 @@ CLASSES_20 = [f"c{i:02d}" for i in range(20)]
 @contextlib.contextmanager
 def as_rank(dm: TaskSequenceDataModule, rank: int, world_size: int, epoch: int = 0):
     """Pretend the datamodule runs under a trainer at ``rank`` of ``world_size``, during ``epoch``."""
-    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world_size, current_epoch=epoch, state=SimpleNamespace(fn=TrainerFn.FITTING))
+    dm.trainer = SimpleNamespace(
+        global_rank=rank, world_size=world_size, current_epoch=epoch, state=SimpleNamespace(fn=TrainerFn.FITTING)
+    )
     try:
         yield dm
     finally:
@@ -48,7 +50,9 @@ def six_classes() -> TaskSequenceDataModule:
 
 @pytest.fixture(scope="module")
 def three_domains() -> TaskSequenceDataModule:
-    dm = TaskSequenceDataModule(SyntheticSource(num_classes=4, num_domains=3), scenario="domain_incremental", batch_size=4)
+    dm = TaskSequenceDataModule(
+        SyntheticSource(num_classes=4, num_domains=3), scenario="domain_incremental", batch_size=4
+    )
     dm.setup("fit")
     return dm
 
@@ -136,7 +140,9 @@ def test_capped_statistics_pass_is_a_seeded_sample_of_every_class(six_classes: T
 
     def ids(cap):
         batches = six_classes.task_train_loader(1, cap)
-        return [tuple(row[mask].tolist()) for b in batches for row, mask in zip(b["input_ids"], b["attention_mask"].bool())]
+        return [
+            tuple(row[mask].tolist()) for b in batches for row, mask in zip(b["input_ids"], b["attention_mask"].bool())
+        ]
 
     full, capped = ids(None), ids(8)
     labels = torch.cat([batch["labels"] for batch in six_classes.task_train_loader(1, 8)]).tolist()
@@ -172,9 +178,15 @@ def test_ranks_together_see_the_single_process_batches(n: int, batch_size: int, 
     """Interleaving the ranks' shares of each step rebuilds the single-process batch, in order."""
     indices = list(range(100, 100 + n))
     single = list(ShardedBatchSampler(indices, batch_size, seed=5, passes=2))
-    ranks = [list(ShardedBatchSampler(indices, batch_size, seed=5, passes=2, rank=r, world_size=world)) for r in range(world)]
+    ranks = [
+        list(ShardedBatchSampler(indices, batch_size, seed=5, passes=2, rank=r, world_size=world)) for r in range(world)
+    ]
     assert all(len(r) == len(single) for r in ranks)
-    assert all(len(s) == len(r) for s in [ShardedBatchSampler(indices, batch_size, 5, 2, rank=r, world_size=world) for r in range(world)] for r in ranks)
+    assert all(
+        len(s) == len(r)
+        for s in [ShardedBatchSampler(indices, batch_size, 5, 2, rank=r, world_size=world) for r in range(world)]
+        for r in ranks
+    )
     for step, batch in enumerate(single):
         assert interleave([r[step] for r in ranks]) == batch
 
@@ -194,7 +206,7 @@ def test_each_pass_is_a_fresh_permutation() -> None:
     flat = [i for b in batches for i in b]
     first, second = flat[:40], flat[40:]
     assert sorted(first) == indices and sorted(second) == indices
-    assert first != second and first != indices
+    assert first not in (second, indices)
 
 
 def test_same_seed_same_order() -> None:
@@ -272,7 +284,9 @@ def test_domain_order_is_followed() -> None:
 
 def test_unknown_domain_is_refused() -> None:
     """A domain order naming a domain the data lacks raises, naming it."""
-    dm = TaskSequenceDataModule(SyntheticSource(num_classes=4, num_domains=3), scenario="domain_incremental", domains=["domain_0", "domain_9"])
+    dm = TaskSequenceDataModule(
+        SyntheticSource(num_classes=4, num_domains=3), scenario="domain_incremental", domains=["domain_0", "domain_9"]
+    )
     with pytest.raises(ValueError, match="domain_9"):
         dm.setup("fit")
 
@@ -321,7 +335,13 @@ def test_csv_source_missing_column(csv_files: dict[str, str], column: str) -> No
 
 def test_csv_source_missing_split(csv_files: dict[str, str]) -> None:
     """Asking for a split the dataset lacks raises, naming that split."""
-    source = HuggingFaceSource(path="csv", data_files={"train": csv_files["train"]}, text_column="body", label_column="topic", test_split="validation")
+    source = HuggingFaceSource(
+        path="csv",
+        data_files={"train": csv_files["train"]},
+        text_column="body",
+        label_column="topic",
+        test_split="validation",
+    )
     with pytest.raises(ValueError, match="'validation'"):
         source.load("test")
 
@@ -352,7 +372,9 @@ def test_newsgroups_domain_labels() -> None:
     examples = TwentyNewsgroups(labels="domain", test_per_class=3).load("test")
     assert set(examples.labels) == {"comp", "rec", "sci", "talk"}
     assert set(examples.domains) == {"d1", "d2", "d3", "d4"}
-    assert Counter(zip(examples.domains, examples.labels)) == {(d, c): 3 for d in ("d1", "d2", "d3", "d4") for c in ("comp", "rec", "sci", "talk")}
+    assert Counter(zip(examples.domains, examples.labels)) == {
+        (d, c): 3 for d in ("d1", "d2", "d3", "d4") for c in ("comp", "rec", "sci", "talk")
+    }
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------

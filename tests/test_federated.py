@@ -36,7 +36,10 @@ def slots(checkpoint: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 def client_updates(checkpoint: dict) -> list[ClientUpdate]:
     stored = checkpoint["callbacks"]["FederatedRounds"]["clients"]
-    return [ClientUpdate(d["client"], d["num_samples"], {k: tuple(v) for k, v in d["adapters"].items()}, d["head"]) for d in stored.values()]
+    return [
+        ClientUpdate(d["client"], d["num_samples"], {k: tuple(v) for k, v in d["adapters"].items()}, d["head"])
+        for d in stored.values()
+    ]
 
 
 def test_fit_runs_rounds_and_logs_accuracy_traffic_and_partition(tiny_fed):
@@ -44,7 +47,9 @@ def test_fit_runs_rounds_and_logs_accuracy_traffic_and_partition(tiny_fed):
     fit(config)
     names = sorted(p.name for p in tiny_fed.checkpoints().iterdir())
     assert names == ["last.ckpt"] + [f"round-epoch={r}.ckpt" for r in range(4)]
-    events = EventAccumulator(str(tiny_fed.root / "run" / "tiny" / "v"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    events = EventAccumulator(
+        str(tiny_fed.root / "run" / "tiny" / "v"), size_guidance={"scalars": 0, "images": 0}
+    ).Reload()
     accuracy = [e.value for e in events.Scalars("fed/acc")]
     assert [e.step for e in events.Scalars("fed/acc")] == [1, 2, 3, 4]
     assert accuracy[-1] > 2 / 6, accuracy  # chance is 1/6
@@ -73,13 +78,17 @@ def test_the_global_adapter_is_the_rule_applied_to_the_round_uploads(tiny_fed, r
             torch.testing.assert_close((a, b), state.adapters[name], rtol=0, atol=1e-7)
         elif rule == "ffa_lora":  # A never moved; B is the weighted average, so the update is exactly the ideal one
             assert all(torch.equal(u.adapters[name][0], a) for u in updates)
-            torch.testing.assert_close(scale * (b.double() @ a.double()), ideal_update(updates, name, scale), rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                scale * (b.double() @ a.double()), ideal_update(updates, name, scale), rtol=0, atol=1e-6
+            )
         elif rule == "flexlora":
             torch.testing.assert_close((a, b), flexlora(updates, 4).adapters[name], rtol=0, atol=1e-6)
         else:  # FLoRA: the exact update went into the frozen stack and the slot restarted with B = 0
             past_A = checkpoint["state_dict"][f"backbone.{name}.past_A"]
             past_B = checkpoint["state_dict"][f"backbone.{name}.past_B"]
-            torch.testing.assert_close(past_B.double() @ past_A.double(), ideal_update(updates, name, scale), rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                past_B.double() @ past_A.double(), ideal_update(updates, name, scale), rtol=0, atol=1e-6
+            )
             assert not b.any()
     head = checkpoint["state_dict"]["head.weight"]
     p = client_weights(updates).tolist()
@@ -91,8 +100,14 @@ def test_lora_fair_lands_closer_to_the_ideal_update_than_fedit(tiny_fed):
     sum_k p_k B_k A_k beyond FedIT's average; FFA-LoRA meets it exactly."""
     measured = {}
     for rule in ("fedit", "lora_fair", "ffa_lora"):
-        aggregation = {"class_path": "plan.aggregation.LoRAFAIR", "init_args": {"steps": 300}} if rule == "lora_fair" else rule
-        cli = fit(tiny_fed.config(rule, **{RULE_CALLBACK: rounds_callback(aggregation=aggregation)}), "--trainer.max_epochs", "1")
+        aggregation = (
+            {"class_path": "plan.aggregation.LoRAFAIR", "init_args": {"steps": 300}} if rule == "lora_fair" else rule
+        )
+        cli = fit(
+            tiny_fed.config(rule, **{RULE_CALLBACK: rounds_callback(aggregation=aggregation)}),
+            "--trainer.max_epochs",
+            "1",
+        )
         measured[rule] = cli.trainer.callbacks[0].last_round
     assert measured["ffa_lora"]["cosine_to_ideal"] == pytest.approx(1.0, abs=1e-6)
     assert measured["ffa_lora"]["error_to_ideal"] == pytest.approx(0.0, abs=1e-3)
@@ -102,18 +117,28 @@ def test_lora_fair_lands_closer_to_the_ideal_update_than_fedit(tiny_fed):
 
 @pytest.mark.parametrize("rule", ["fedit", "flora", "lora_fair"])
 def test_resume_after_a_round_matches_the_uninterrupted_run(tiny_fed, rule):
-    aggregation = {"class_path": "plan.aggregation.LoRAFAIR", "init_args": {"steps": 50}} if rule == "lora_fair" else rule
+    aggregation = (
+        {"class_path": "plan.aggregation.LoRAFAIR", "init_args": {"steps": 50}} if rule == "lora_fair" else rule
+    )
     callbacks = rounds_callback(aggregation=aggregation, dropout_prob=0.2)
     fit(tiny_fed.config("full", **{RULE_CALLBACK: callbacks}))
     fit(tiny_fed.config("part", **{RULE_CALLBACK: callbacks}), "--trainer.max_epochs", "1")
-    fit(tiny_fed.config("part", **{RULE_CALLBACK: callbacks}), "--ckpt_path", str(tiny_fed.checkpoints("part") / "round-epoch=0.ckpt"))
+    fit(
+        tiny_fed.config("part", **{RULE_CALLBACK: callbacks}),
+        "--ckpt_path",
+        str(tiny_fed.checkpoints("part") / "round-epoch=0.ckpt"),
+    )
     full, part = tiny_fed.last("full"), tiny_fed.last("part")
     assert full["state_dict"].keys() == part["state_dict"].keys()
     for key in full["state_dict"]:
         torch.testing.assert_close(part["state_dict"][key], full["state_dict"][key], rtol=0, atol=0)
     server_part, server_full = part["callbacks"]["FederatedRounds"], full["callbacks"]["FederatedRounds"]
-    assert {k: server_part[k] for k in ("rule", "seed", "rounds_closed")} == {k: server_full[k] for k in ("rule", "seed", "rounds_closed")}
-    torch.testing.assert_close((server_part["global"], server_part["clients"]), (server_full["global"], server_full["clients"]), rtol=0, atol=0)
+    assert {k: server_part[k] for k in ("rule", "seed", "rounds_closed")} == {
+        k: server_full[k] for k in ("rule", "seed", "rounds_closed")
+    }
+    torch.testing.assert_close(
+        (server_part["global"], server_part["clients"]), (server_full["global"], server_full["clients"]), rtol=0, atol=0
+    )
 
 
 def test_a_hundred_clients_keep_one_adapter_each_on_the_cpu(tiny_fed):
@@ -147,10 +172,16 @@ def test_client_sampling_and_partition_are_seeded(tiny_fed):
     assert len({tuple(a.sampled_clients(r)) for r in range(5)}) > 1
 
 
-@pytest.mark.parametrize("kind, extra", [("iid", {}), ("shards", {"shards_per_client": 1}), ("domain", {"alpha": None})])
+@pytest.mark.parametrize(
+    "kind, extra", [("iid", {}), ("shards", {"shards_per_client": 1}), ("domain", {"alpha": None})]
+)
 def test_every_partition_reaches_the_clients(tiny_fed, kind, extra):
     source = {"class_path": "plan.datamodules.SyntheticSource", "init_args": {"num_classes": 6, "num_domains": 3}}
-    config = tiny_fed.config(data__init_args__source=source, data__init_args__partition=kind, **{f"data__init_args__{k}": v for k, v in extra.items()})
+    config = tiny_fed.config(
+        data__init_args__source=source,
+        data__init_args__partition=kind,
+        **{f"data__init_args__{k}": v for k, v in extra.items()},
+    )
     datamodule = run_cli(["--config", str(config)], run=False).datamodule
     datamodule.setup("fit")
     train = datamodule.source.load("train")
@@ -227,9 +258,18 @@ def test_heterogeneous_ranks_under_flora(tiny_fed):
         ({"data__init_args__num_clients": 1000}, r"1000 clients .* but the training split has 96"),
         ({"data__init_args__alpha": 0.0}, r"alpha must be > 0.*got 0.0"),
         ({RULE_CALLBACK: rounds_callback(aggregation="fedavg")}, r"unknown aggregation rule 'fedavg'"),
-        ({RULE_CALLBACK: rounds_callback(aggregation="ffa_lora", train_A=True)}, r"'ffa_lora' keeps A frozen.*train_A=True"),
-        ({RULE_CALLBACK: rounds_callback(client_ranks=[4, 2])}, r"'fedit' needs every client at one rank, but client_ranks=\[4, 2\]"),
-        ({RULE_CALLBACK: rounds_callback(aggregation="flora", client_ranks=[8])}, r"client_ranks \[8\] do not fit the model's LoRA rank 4"),
+        (
+            {RULE_CALLBACK: rounds_callback(aggregation="ffa_lora", train_A=True)},
+            r"'ffa_lora' keeps A frozen.*train_A=True",
+        ),
+        (
+            {RULE_CALLBACK: rounds_callback(client_ranks=[4, 2])},
+            r"'fedit' needs every client at one rank, but client_ranks=\[4, 2\]",
+        ),
+        (
+            {RULE_CALLBACK: rounds_callback(aggregation="flora", client_ranks=[8])},
+            r"client_ranks \[8\] do not fit the model's LoRA rank 4",
+        ),
     ],
 )
 def test_bad_federated_input_is_named(tiny_fed, overrides, message):
@@ -239,9 +279,13 @@ def test_bad_federated_input_is_named(tiny_fed, overrides, message):
 
 def test_drivers_refuse_the_other_scenario_and_too_many_epochs(tiny_fed, tiny):
     sequencer = [{"class_path": "plan.callbacks.TaskSequencer"}]
-    with pytest.raises(ValueError, match="TaskSequencer needs a datamodule such as plan.datamodules.TaskSequenceDataModule"):
+    with pytest.raises(
+        ValueError, match="TaskSequencer needs a datamodule such as plan.datamodules.TaskSequenceDataModule"
+    ):
         fit(tiny_fed.config(**{RULE_CALLBACK: sequencer}))
-    with pytest.raises(ValueError, match="FederatedRounds needs a datamodule such as plan.datamodules.FederatedDataModule"):
+    with pytest.raises(
+        ValueError, match="FederatedRounds needs a datamodule such as plan.datamodules.FederatedDataModule"
+    ):
         fit(tiny.config(trainer__callbacks=rounds_callback()))
     with pytest.raises(ValueError, match="max_epochs=4 exceeds the 3 rounds"):
         fit(tiny_fed.config(), "--trainer.max_epochs", "4")
@@ -255,7 +299,11 @@ def test_checkpoints_do_not_cross_scenarios(tiny_fed, tiny):
     with pytest.raises(ValueError, match="not written by a continual-learning run"):
         fit(tiny.config("continual"), "--ckpt_path", str(tiny_fed.checkpoints("federated") / "last.ckpt"))
     with pytest.raises(ValueError, match="different federation.*num_clients"):
-        fit(tiny_fed.config("other", data__init_args__num_clients=5), "--ckpt_path", str(tiny_fed.checkpoints("federated") / "last.ckpt"))
+        fit(
+            tiny_fed.config("other", data__init_args__num_clients=5),
+            "--ckpt_path",
+            str(tiny_fed.checkpoints("federated") / "last.ckpt"),
+        )
 
 
 def test_ddp_shards_clients_and_aggregates_like_one_process(tiny_fed):
@@ -267,9 +315,13 @@ def test_ddp_shards_clients_and_aggregates_like_one_process(tiny_fed):
     config = tiny_fed.config("ddp", trainer__strategy="ddp", trainer__devices=2, **{RULE_CALLBACK: callbacks})
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     plan = shutil.which("plan") or f"{sys.executable} -m plan.cli"
-    result = subprocess.run([*plan.split(), "fit", "--config", str(config)], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [*plan.split(), "fit", "--config", str(config)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     single, ddp = tiny_fed.last("single"), tiny_fed.last("ddp")
     for key, value in single["state_dict"].items():
         torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-5, atol=1e-6)
-    assert sorted(ddp["callbacks"]["FederatedRounds"]["clients"]) == sorted(single["callbacks"]["FederatedRounds"]["clients"])
+    assert sorted(ddp["callbacks"]["FederatedRounds"]["clients"]) == sorted(
+        single["callbacks"]["FederatedRounds"]["clients"]
+    )

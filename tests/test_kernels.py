@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-import plan.kernels as kernels
+from plan import kernels
 from plan.kernels import reference
 from plan.lora import LoRAConfig, LoRALinear, inject_lora
 
@@ -232,13 +232,18 @@ def test_kernels_compile_for_nvidia_gpus(
     monkeypatch.setattr(triton_lora, "_launch", lambda kernel, grid, **args: launches.append((kernel, args)))
     M, K, N, r = 160, 128, 96, 4  # rank 4: the rank tile must still be 16 wide for 16-bit dots
     x = torch.randn(M, K, dtype=dtype, requires_grad=True)
-    a, b = torch.randn(r, K, dtype=dtype, requires_grad=not frozen_a), torch.randn(N, r, dtype=dtype, requires_grad=True)
+    a, b = (
+        torch.randn(r, K, dtype=dtype, requires_grad=not frozen_a),
+        torch.randn(N, r, dtype=dtype, requires_grad=True),
+    )
     past = (torch.randn(48, K, dtype=dtype), torch.randn(N, 48, dtype=dtype)) if stack else (None, None)
     w, bias = torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
     y = triton_lora.fused_lora_linear(x, w, bias, a, b, 2.0, *past, dropout, 7)
     y.backward(torch.ones_like(y))
     names = [getattr(kernel, "fn", kernel).__name__ for kernel, _ in launches]
-    assert names == ["_shrink_kernel", "_forward_kernel", "_dy_kernel", "_dx_kernel"] + ([] if frozen_a else ["_da_kernel"])
+    assert names == ["_shrink_kernel", "_forward_kernel", "_dy_kernel", "_dx_kernel"] + (
+        [] if frozen_a else ["_da_kernel"]
+    )
     for kernel, args in launches:
         gpu_compile(kernel, args, capability)
 
@@ -268,7 +273,18 @@ def test_triton_kernels_under_the_interpreter() -> None:
     """Runs this file's interpreter tests in a child pytest with ``TRITON_INTERPRET=1`` and fails with its
     report if any of them fails."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-m", "slow", "-p", "no:cacheprovider", "-W", "ignore::UserWarning"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "slow",
+        "-p",
+        "no:cacheprovider",
+        "-W",
+        "ignore::UserWarning",
+    ]
     command.append(__file__)
     child = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     report = child.stdout + child.stderr
@@ -421,7 +437,9 @@ def test_forward_and_backward_apply_the_generated_mask() -> None:
     mask = dropout_scale(seed, M, d, p)
     assert torch.allclose(y / x.detach(), mask, rtol=1e-6, atol=0)
     assert torch.allclose(x.grad, mask, rtol=1e-6, atol=0)
-    assert not torch.equal(fused_lora_linear(x.detach(), zero, None, eye, eye, 1.0, None, None, p, seed + 1), y.detach())
+    assert not torch.equal(
+        fused_lora_linear(x.detach(), zero, None, eye, eye, 1.0, None, None, p, seed + 1), y.detach()
+    )
 
 
 @pytest.mark.slow
@@ -452,7 +470,9 @@ def test_gradcheck_fused_function_fp64() -> None:
     from plan.kernels.triton_lora import fused_lora_linear
 
     g = torch.Generator().manual_seed(3)
-    x, a, b = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((9, 11), (3, 11), (7, 3)))
+    x, a, b = (
+        torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((9, 11), (3, 11), (7, 3))
+    )
     w, bias = torch.randn(7, 11, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)
     pa, pb = torch.randn(2, 11, generator=g, dtype=torch.float64), torch.randn(7, 2, generator=g, dtype=torch.float64)
 
@@ -472,7 +492,7 @@ def test_checkpoint_recompute_is_bitwise() -> None:
     lora = layer(rank=4, dropout=0.3, kernel="triton").train()
     x = torch.randn(2, 9, 24, requires_grad=True)
     results = []
-    for wrap in (lambda inp: lora(inp), lambda inp: checkpoint(lora, inp, use_reentrant=False)):
+    for wrap in (lora, lambda inp: checkpoint(lora, inp, use_reentrant=False)):
         torch.manual_seed(5)
         y = wrap(x)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
@@ -551,8 +571,16 @@ def test_rank_tiles_and_interpreter_limits() -> None:
     the interpreter, whose bf16 dots are wrong, rather than computed silently wrong."""
     from plan.kernels.triton_lora import MAX_BLOCK_R, rank_block
 
-    assert [rank_block(r) for r in (1, 8, 16, 17, 33, 64, 65, 300)] == [16, 16, 16, 32, 64, 64, MAX_BLOCK_R, MAX_BLOCK_R]
+    assert [rank_block(r) for r in (1, 8, 16, 17, 33, 64, 65, 300)] == [
+        16,
+        16,
+        16,
+        32,
+        64,
+        64,
+        MAX_BLOCK_R,
+        MAX_BLOCK_R,
+    ]
     ops = make(CASES["odd"], torch.bfloat16)
     with pytest.raises(ValueError, match="bf16"):
         kernels.lora_linear(*(ops[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")), 2.0, kernel="triton")
-

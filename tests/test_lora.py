@@ -117,7 +117,9 @@ def test_forward_and_gradients_match_peft(batch: dict[str, Tensor], gen: torch.G
             theirs_layers[name].lora_B["default"].weight.copy_(layer.lora_B)
 
     out_ours, out_theirs = encode(ours, batch), encode(theirs, batch)
-    assert not torch.allclose(out_ours, base_out, atol=1e-3), "the adapters must change the output for parity to mean anything"
+    assert not torch.allclose(out_ours, base_out, atol=1e-3), (
+        "the adapters must change the output for parity to mean anything"
+    )
     torch.testing.assert_close(out_ours, out_theirs, atol=ATOL, rtol=RTOL)
 
     weights = torch.randn(out_ours.shape, generator=gen)
@@ -348,7 +350,9 @@ def test_load_state_dict_resizes_stack(
 
 
 @pytest.mark.parametrize("uneven", [False, True], ids=["same-rank", "per-layer-rank"])
-def test_export_peft_reloads_in_peft(uneven: bool, tmp_path: Path, batch: dict[str, Tensor], gen: torch.Generator) -> None:
+def test_export_peft_reloads_in_peft(
+    uneven: bool, tmp_path: Path, batch: dict[str, Tensor], gen: torch.Generator
+) -> None:
     """A PEFT adapter exported from slot + stack reproduces plan's output in ``PeftModel.from_pretrained``;
     with uneven stacks, ``rank_pattern``/``alpha_pattern`` keep every layer's scale at 1."""
     base = tiny_bert()
@@ -379,8 +383,11 @@ def test_export_peft_reloads_in_peft(uneven: bool, tmp_path: Path, batch: dict[s
 
 @pytest.mark.parametrize(
     ("target", "limit"),
-    [("encoder.layer.0.attention.self.query", HIDDEN), ("encoder.layer.0.intermediate.dense", HIDDEN),
-     ("encoder.layer.0.output.dense", HIDDEN)],
+    [
+        ("encoder.layer.0.attention.self.query", HIDDEN),
+        ("encoder.layer.0.intermediate.dense", HIDDEN),
+        ("encoder.layer.0.output.dense", HIDDEN),
+    ],
 )
 @pytest.mark.parametrize("offset", ["zero", "negative", "too-big"])
 def test_bad_rank_is_refused(target: str, limit: int, offset: str) -> None:

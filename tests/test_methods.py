@@ -10,7 +10,16 @@ import torch
 from conftest import TINY_BERT, task_trainer
 from torch import nn
 
-from plan.callbacks import PLAN, ForgettingLogger, GradientProjection, InfLoRA, OLoRA, ProgressiveActivation, TaskCallback, TaskSequencer
+from plan.callbacks import (
+    PLAN,
+    ForgettingLogger,
+    GradientProjection,
+    InfLoRA,
+    OLoRA,
+    ProgressiveActivation,
+    TaskCallback,
+    TaskSequencer,
+)
 from plan.callbacks.coto import activation_probability, layer_groups
 from plan.cli import run_cli
 from plan.datamodules import DataSource, Examples, SyntheticSource, TaskSequenceDataModule
@@ -57,7 +66,12 @@ def test_coto_schedule_and_groups():
     assert activation_probability(0, 100, 0.1, 0.75) == pytest.approx(0.1)
     assert activation_probability(30, 100, 0.1, 0.75) == pytest.approx(0.1 + 0.9 * 30 / 75)
     assert activation_probability(75, 100, 0.1, 0.75) == 1.0 and activation_probability(99, 100, 0.1, 0.75) == 1.0
-    names = ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value", "encoder.layer.1.attention.self.query", "pooler.dense"]
+    names = [
+        "encoder.layer.0.attention.self.query",
+        "encoder.layer.0.attention.self.value",
+        "encoder.layer.1.attention.self.query",
+        "pooler.dense",
+    ]
     assert layer_groups(names) == [names[:2], [names[2]], [names[3]]]
 
 
@@ -89,7 +103,9 @@ class BlockSource(DataSource):
         for c in range(2 * self.tasks):
             x = torch.zeros(self.per_class, 8 * self.tasks)
             block = slice(8 * (c // 2), 8 * (c // 2) + 8)
-            x[:, block] = 2.0 * torch.randn(8, generator=torch.Generator().manual_seed(c)) + 0.5 * torch.randn(self.per_class, 8, generator=g)
+            x[:, block] = 2.0 * torch.randn(8, generator=torch.Generator().manual_seed(c)) + 0.5 * torch.randn(
+                self.per_class, 8, generator=g
+            )
             inputs.append(x)
             labels += [f"c{c}"] * self.per_class
         return Examples(torch.cat(inputs), labels)
@@ -114,8 +130,12 @@ def task_zero_features(trainer, pl_module) -> torch.Tensor:
 
 def run_blocks(tmp_path, *methods) -> tuple[torch.Tensor, torch.Tensor]:
     pl.seed_everything(0, verbose=False)
-    data = TaskSequenceDataModule(BlockSource(), classes_per_task=2, batch_size=8, passes_per_task=3, tasks=[["c0", "c1"], ["c2", "c3"]])
-    model = ContinualClassifier(backbone=VectorEncoder(), lora=LoRAConfig(rank=2, alpha=4, target_modules=["fc1", "fc2"]), lr=0.05)
+    data = TaskSequenceDataModule(
+        BlockSource(), classes_per_task=2, batch_size=8, passes_per_task=3, tasks=[["c0", "c1"], ["c2", "c3"]]
+    )
+    model = ContinualClassifier(
+        backbone=VectorEncoder(), lora=LoRAConfig(rank=2, alpha=4, target_modules=["fc1", "fc2"]), lr=0.05
+    )
     snapshot = FeatureSnapshot()
     trainer = task_trainer(tmp_path, [TaskSequencer(seed=0), ForgettingLogger(heatmap=False), *methods, snapshot])
     trainer.fit(model, datamodule=data)
@@ -176,7 +196,9 @@ class CovarianceCheck(TaskCallback):
             return
         inputs = {name: [] for name in pl_module.lora_layers}
         hooks = [
-            layer.register_forward_pre_hook(lambda _, args, n=name: inputs[n].append(args[0].reshape(-1, args[0].shape[-1]).double()))
+            layer.register_forward_pre_hook(
+                lambda _, args, n=name: inputs[n].append(args[0].reshape(-1, args[0].shape[-1]).double())
+            )
             for name, layer in pl_module.lora_layers.items()
         ]
         pl_module.eval()
@@ -209,7 +231,9 @@ def test_inflora_down_projection_is_orthogonal_to_memory(tmp_path):
     def check(pl_module, task):
         for name, layer in pl_module.lora_layers.items():
             memory = method.memory(name, layer.in_features).to(layer.lora_A)
-            overlaps.append((task, memory.shape[1], (layer.lora_A @ memory).abs().max().item() if memory.shape[1] else 0.0))
+            overlaps.append(
+                (task, memory.shape[1], (layer.lora_A @ memory).abs().max().item() if memory.shape[1] else 0.0)
+            )
             assert not layer.lora_A.requires_grad
 
     fit_tiny(tmp_path, method, Probe(check))
@@ -249,7 +273,9 @@ def test_plan_future_perturbation_lies_outside_everything_owned(tmp_path):
         for name, layer in pl_module.lora_layers.items():
             directions = method._free[name].double()
             owned = method.owned(name, layer.in_features)
-            torch.testing.assert_close(directions.T @ directions, torch.eye(layer.rank, dtype=torch.float64), atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                directions.T @ directions, torch.eye(layer.rank, dtype=torch.float64), atol=1e-6, rtol=0
+            )
             seen.append((owned.shape[1], (owned.T @ directions).abs().max().item()))
 
     fit_tiny(tmp_path, method, Probe(check))
@@ -312,16 +338,25 @@ METHODS = {
     "inflora": [{"class_path": "plan.callbacks.InfLoRA", "init_args": {"threshold_start": 0.6, "threshold_end": 0.8}}],
     "plan": [{"class_path": "plan.callbacks.PLAN", "init_args": {"threshold_start": 0.5, "threshold_end": 0.6}}],
     "plan+coto": [
-        {"class_path": "plan.callbacks.PLAN", "init_args": {"threshold_start": 0.5, "threshold_end": 0.6, "perturbation": "past"}},
+        {
+            "class_path": "plan.callbacks.PLAN",
+            "init_args": {"threshold_start": 0.5, "threshold_end": 0.6, "perturbation": "past"},
+        },
         {"class_path": "plan.callbacks.ProgressiveActivation", "init_args": {"start": 0.2}},
     ],
-    "gpm": [{"class_path": "plan.callbacks.GradientProjection", "init_args": {"threshold_start": 0.6, "threshold_end": 0.8}}],
+    "gpm": [
+        {"class_path": "plan.callbacks.GradientProjection", "init_args": {"threshold_start": 0.6, "threshold_end": 0.8}}
+    ],
 }
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_resumes_to_the_same_matrix(tiny, method):
-    callbacks = [{"class_path": "plan.callbacks.TaskSequencer"}, {"class_path": "plan.callbacks.ForgettingLogger"}, *METHODS[method]]
+    callbacks = [
+        {"class_path": "plan.callbacks.TaskSequencer"},
+        {"class_path": "plan.callbacks.ForgettingLogger"},
+        *METHODS[method],
+    ]
     full = tiny.config("full", trainer__callbacks=callbacks)
     part = tiny.config("part", trainer__callbacks=callbacks)
     run_cli(["fit", "--config", str(full)])

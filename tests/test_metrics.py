@@ -41,7 +41,7 @@ def ref_forgetting(R: list[list[float]]) -> float:
         return math.nan
     total = 0.0
     for j in range(T - 1):
-        best = max(R[l][j] for l in range(j, T - 1))
+        best = max(R[i][j] for i in range(j, T - 1))
         total += best - R[T - 1][j]
     return total / (T - 1)
 
@@ -177,10 +177,19 @@ def test_summary_without_baseline_has_nan_fwt() -> None:
     assert summary.forgetting == pytest.approx(23 / 3)
 
 
-@pytest.mark.parametrize("bad", [[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], [1.0, 2.0], torch.zeros(2, 2, 2)], ids=["2x3", "vector", "3d"])
+@pytest.mark.parametrize(
+    "bad", [[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], [1.0, 2.0], torch.zeros(2, 2, 2)], ids=["2x3", "vector", "3d"]
+)
 @pytest.mark.parametrize(
     "summary",
-    [average_accuracy, average_incremental_accuracy, forgetting, backward_transfer, lambda R: forward_transfer(R, [0.0, 0.0]), ContinualSummary.of],
+    [
+        average_accuracy,
+        average_incremental_accuracy,
+        forgetting,
+        backward_transfer,
+        lambda R: forward_transfer(R, [0.0, 0.0]),
+        ContinualSummary.of,
+    ],
     ids=["acc", "aia", "forgetting", "bwt", "fwt", "summary"],
 )
 def test_non_square_matrix_raises(bad, summary) -> None:

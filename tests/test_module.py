@@ -20,8 +20,16 @@ def trainer(tmp_path, *callbacks, max_epochs: int = -1) -> pl.Trainer:
 def test_vit_learns_image_tasks(tmp_path):
     """A random-weight ViT with LoRA on q/v learns task-incremental synthetic image tasks."""
     pl.seed_everything(0, verbose=False)
-    data = TaskSequenceDataModule(SyntheticSource(num_classes=4, modality="image", image_size=16), scenario="task_incremental", classes_per_task=2, batch_size=8, passes_per_task=3)
-    model = ContinualClassifier(backbone_config=TINY_VIT, lora=LoRAConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]), lr=0.01)
+    data = TaskSequenceDataModule(
+        SyntheticSource(num_classes=4, modality="image", image_size=16),
+        scenario="task_incremental",
+        classes_per_task=2,
+        batch_size=8,
+        passes_per_task=3,
+    )
+    model = ContinualClassifier(
+        backbone_config=TINY_VIT, lora=LoRAConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]), lr=0.01
+    )
     logger = ForgettingLogger(heatmap=False)
     run = trainer(tmp_path)
     run.callbacks = [cb for cb in run.callbacks if not isinstance(cb, ForgettingLogger)] + [logger]
@@ -48,7 +56,9 @@ class SlotPenalty(TaskCallback):
     """A method-like callback: registers a large L2 penalty on every B at each task start."""
 
     def on_task_start(self, trainer, pl_module, task):
-        pl_module.register_loss_term("slot_l2", lambda: 100.0 * sum((layer.lora_B**2).sum() for layer in pl_module.lora_layers.values()))
+        pl_module.register_loss_term(
+            "slot_l2", lambda: 100.0 * sum((layer.lora_B**2).sum() for layer in pl_module.lora_layers.values())
+        )
 
 
 def adapter_norm(model: ContinualClassifier) -> float:
@@ -76,7 +86,9 @@ def test_trainable_parameters_are_slots_and_head(tmp_path):
     run = trainer(tmp_path, max_epochs=1)
     run.fit(model, datamodule=data)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in model.named_parameters() if n.endswith(("lora_A", "lora_B")) or n.startswith("head.")}
+    assert trainable == {
+        n for n, _ in model.named_parameters() if n.endswith(("lora_A", "lora_B")) or n.startswith("head.")
+    }
 
 
 def test_unknown_pooling_is_refused():

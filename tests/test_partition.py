@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plan.partition import dirichlet_partition, domain_partition, iid_partition, label_histogram, partition, shard_partition
+from plan.partition import (
+    dirichlet_partition,
+    domain_partition,
+    iid_partition,
+    label_histogram,
+    partition,
+    shard_partition,
+)
 
 LABELS = [i % 5 for i in range(600)]
 
@@ -70,13 +77,22 @@ def test_label_histogram_counts_by_hand():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: iid_partition(5, 6, seed=0), r"6 clients .* need 6 examples, but the training split has 5; use at most 5 clients"),
+        (
+            lambda: iid_partition(5, 6, seed=0),
+            r"6 clients .* need 6 examples, but the training split has 5; use at most 5 clients",
+        ),
         (lambda: dirichlet_partition(LABELS, 10, 0.0, seed=0), r"alpha must be > 0.*got 0.0"),
         (lambda: dirichlet_partition(LABELS, 10, -1, seed=0), r"alpha must be > 0.*got -1"),
-        (lambda: dirichlet_partition(LABELS, 60, 0.01, seed=0, min_size=10, max_tries=3), r"fewer than 10 example.*raise alpha"),
+        (
+            lambda: dirichlet_partition(LABELS, 60, 0.01, seed=0, min_size=10, max_tries=3),
+            r"fewer than 10 example.*raise alpha",
+        ),
         (lambda: partition("bogus", LABELS, 3, 0), r"unknown partition 'bogus'.*iid.*dirichlet"),
         (lambda: partition("domain", LABELS, 3, 0), r"needs a source with domains"),
-        (lambda: domain_partition(["a", "b", "c"] * 3, [0] * 9, 2, seed=0), r"at least one client per domain: 3 domains"),
+        (
+            lambda: domain_partition(["a", "b", "c"] * 3, [0] * 9, 2, seed=0),
+            r"at least one client per domain: 3 domains",
+        ),
     ],
 )
 def test_bad_partitions_name_the_problem(call, message):
