@@ -8,9 +8,13 @@ so ``--ckpt_path`` resumes at the next task.
 
 from __future__ import annotations
 
+import sys
+
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from plan.errors import ConfigError
 
 TRAINER_DEFAULTS = {
     "max_epochs": -1,  # TaskSequencer sets it to the number of tasks
@@ -53,8 +57,12 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> PlanCLI:
 
 
 def main() -> None:
-    """The ``plan`` console command."""
-    run_cli()
+    """The ``plan`` console command: known user errors become one line on stderr and exit status 2."""
+    try:
+        run_cli()
+    except ConfigError as err:
+        print(f"plan: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
