@@ -32,6 +32,9 @@ from plan.aggregation import (
 )
 from plan.callbacks.sequencer import bind_epochs_to_stages, run_seed
 from plan.datamodules.federated import IDLE_CLIENT
+from plan.seeding import reseed, step_seed
+
+DROPOUT_STREAM, REINIT_STREAM, STEP_STREAM = 1, 2, 3  # what a seed drawn for (round, client) is for
 
 
 class FederatedRounds(Callback):
@@ -77,6 +80,7 @@ class FederatedRounds(Callback):
         self.rounds_closed = 0
         self.round_updates: list[ClientUpdate] = []
         self.current_client: int | None = None
+        self.client_first_batch = 0  # the round's batch index at which the current client started
         self.last_round: dict = {}
 
     # -- setup --------------------------------------------------------------------------------------------
@@ -111,8 +115,10 @@ class FederatedRounds(Callback):
                 layer.reset_slot(generator)
             self.global_state = GlobalState(self._read_slots(pl_module), self._read_head(pl_module))
             self._log_partition(trainer)
-        else:
+        elif self.current_client is None:
             self._load(pl_module, self.global_state)
+        else:  # resumed in the middle of a client's local training: the model holds that client's progress
+            self._set_active_rank(pl_module, self.current_client)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Ranks train different clients: DDP must not average their gradients or broadcast buffers during
@@ -136,17 +142,22 @@ class FederatedRounds(Callback):
             if self.current_client is not None:
                 self._finish_client(trainer, pl_module)
             if client != IDLE_CLIENT:  # an idle step trains a leftover copy that the round end overwrites
-                self._start_client(trainer, pl_module, client)
+                self._start_client(trainer, pl_module, client, batch_idx)
+        # A client's k-th local step draws from (seed, round, client, k), whichever rank it runs on and
+        # whether or not the run was resumed in between.
+        reseed(self._seed(trainer.current_epoch, client, STEP_STREAM, batch_idx - self.client_first_batch))
 
-    def _start_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int) -> None:
-        self.current_client = client
+    def _start_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, batch_idx: int) -> None:
+        self.current_client, self.client_first_batch = client, batch_idx
         self._load(pl_module, self.global_state)
+        self._set_active_rank(pl_module, client)
+        for optimizer in trainer.optimizers:
+            optimizer.state.clear()
+
+    def _set_active_rank(self, pl_module: pl.LightningModule, client: int) -> None:
         rank = self.client_rank(client, pl_module.lora_config.rank)
         for layer in pl_module.lora_layers.values():
             layer.active_rank = rank
-        for optimizer in trainer.optimizers:
-            optimizer.state.clear()
-        pl.seed_everything(self._seed(trainer.current_epoch, client), verbose=False)
 
     def _finish_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         client = self.current_client
@@ -156,8 +167,8 @@ class FederatedRounds(Callback):
         self.round_updates.append(update)
         self.current_client = None
 
-    def _seed(self, round_index: int, client: int, stream: int = 0) -> int:
-        return int(np.random.SeedSequence([self.seed, round_index, client, stream]).generate_state(1)[0])
+    def _seed(self, round_index: int, client: int, *keys: int) -> int:
+        return step_seed(self.seed, round_index, client, *keys)
 
     # -- the round end ------------------------------------------------------------------------------------
 
@@ -177,7 +188,10 @@ class FederatedRounds(Callback):
             self._finish_client(trainer, pl_module)
         replies, dropped = [], {}
         for update in self.round_updates:
-            if np.random.default_rng(self._seed(round_index, update.client, 1)).random() < self.dropout_prob:
+            if (
+                np.random.default_rng(self._seed(round_index, update.client, DROPOUT_STREAM)).random()
+                < self.dropout_prob
+            ):
                 dropped[update.client] = "dropped out (no reply)"
             else:
                 replies.append(update)
@@ -202,7 +216,7 @@ class FederatedRounds(Callback):
         for name, (a, b) in state.merged.items():
             pl_module.lora_layers[name].absorb(a, b)
         if state.reinit:
-            generator = torch.Generator().manual_seed(self._seed(round_index + 1, 0, stream=2))
+            generator = torch.Generator().manual_seed(self._seed(round_index + 1, 0, REINIT_STREAM))
             for layer in pl_module.lora_layers.values():
                 layer.reset_slot(generator)
             state.adapters = self._read_slots(pl_module)
@@ -299,6 +313,10 @@ class FederatedRounds(Callback):
             "rounds_closed": self.rounds_closed,
             "global": _state_to_dict(self.global_state),
             "clients": {k: _update_to_dict(u) for k, u in self.clients.items()},
+            # the round so far, for a checkpoint taken in the middle of it
+            "round_updates": [_update_to_dict(u) for u in self.round_updates],
+            "current_client": self.current_client,
+            "client_first_batch": self.client_first_batch,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -309,6 +327,8 @@ class FederatedRounds(Callback):
         self.seed, self.rounds_closed = state_dict["seed"], state_dict["rounds_closed"]
         self.global_state = _state_from_dict(state_dict["global"])
         self.clients = {int(k): _update_from_dict(v) for k, v in state_dict["clients"].items()}
+        self.round_updates = [_update_from_dict(u) for u in state_dict["round_updates"]]
+        self.current_client, self.client_first_batch = state_dict["current_client"], state_dict["client_first_batch"]
 
 
 def _from_every_rank(obj, trainer: pl.Trainer) -> list:

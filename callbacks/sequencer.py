@@ -8,7 +8,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from plan.seeding import reseed, step_seed
+
 ADAPTER_MODES = ("stacked", "shared")
+STEP_STREAM = 1  # keeps the per-step seeds apart from the task-start seeds, which share (seed, task)
 
 
 def run_seed(seed: int | None = None) -> int:
@@ -47,6 +50,10 @@ class TaskCallback(Callback):
     def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
         """Called after the last batch of ``task`` (and its validation), before its adapter is frozen."""
 
+    def on_task_resume(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        """Called instead of ``on_task_start`` when a run resumes inside ``task`` from a mid-task checkpoint:
+        restore what ``on_task_start`` set up that a checkpoint does not hold (hooks, frozen flags)."""
+
 
 class TaskSequencer(Callback):
     """Runs one task per epoch.
@@ -54,10 +61,12 @@ class TaskSequencer(Callback):
     At a task start it reseeds every RNG from (seed, task), clears the optimizer state and fires
     ``on_task_start``; at a task end it fires ``on_task_end`` and then, with ``adapters='stacked'``, moves
     each LoRA slot into its layer's frozen stack and re-initialises the slot (stacked per-task LoRA). With
-    ``adapters='shared'`` one adapter keeps training across tasks (sequential LoRA).
+    ``adapters='shared'`` one adapter keeps training across tasks (sequential LoRA). A run resumed inside a
+    task fires ``on_task_resume`` instead of ``on_task_start``.
 
-    Reseeding per task makes a run resumed from a task-end checkpoint draw the same dropout masks and slot
-    initialisations as the uninterrupted run.
+    Every training step reseeds the RNGs from (seed, task, batch), so dropout masks depend only on the step's
+    place in the sequence: a run resumed from any checkpoint, at a task end or mid-task, draws exactly what the
+    uninterrupted run drew.
 
     Args:
         adapters: ``stacked`` (a new adapter per task, past ones frozen) or ``shared``.
@@ -79,16 +88,25 @@ class TaskSequencer(Callback):
     def _task_callbacks(self, trainer: pl.Trainer) -> list[TaskCallback]:
         return [cb for cb in trainer.callbacks if isinstance(cb, TaskCallback)]
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        task = trainer.current_epoch
+        if task < self.tasks_started:  # resumed inside a task: its start already happened
+            for callback in self._task_callbacks(trainer):
+                callback.on_task_resume(trainer, pl_module, task)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         task = trainer.current_epoch
         if task < self.tasks_started:  # resumed inside a task: its start already happened
             return
-        pl.seed_everything(self.seed * 1009 + task, workers=True, verbose=False)
+        reseed(step_seed(self.seed, task))
         for optimizer in trainer.optimizers:
             optimizer.state.clear()
         for callback in self._task_callbacks(trainer):
             callback.on_task_start(trainer, pl_module, task)
         self.tasks_started = task + 1
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        reseed(step_seed(self.seed, trainer.current_epoch, batch_idx, STEP_STREAM))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         task = trainer.current_epoch

@@ -9,11 +9,27 @@ so ``--ckpt_path`` resumes at the next task.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+from jsonargparse import Namespace, dict_to_namespace
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from plan.checkpoints import (
+    EXECUTION_ONLY,
+    AtomicCheckpointIO,
+    MidTaskCheckpoint,
+    RunSettings,
+    checkpoint_folder,
+    format_diff,
+    read_checkpoint,
+    run_settings,
+    settings_diff,
+)
 from plan.errors import ConfigError
 
 TRAINER_DEFAULTS = {
@@ -25,7 +41,15 @@ TRAINER_DEFAULTS = {
 
 
 class PlanCLI(LightningCLI):
-    """LightningCLI plus a ``checkpoint:`` section whose defaults save one checkpoint per task end."""
+    """LightningCLI plus checkpoints a run can trust.
+
+    * ``checkpoint:`` saves one checkpoint per task (or round) end; ``step_checkpoint:`` refreshes ``last.ckpt``
+      every N training steps inside a task, and resuming from it continues at the next batch.
+    * Checkpoints are written atomically and read back verified (:mod:`plan.checkpoints`).
+    * ``fit`` refuses to write into a folder that holds another run's checkpoints, and ``fit --ckpt_path``
+      refuses settings that differ from the checkpoint's, listing each, unless ``--resume_settings
+      checkpoint`` takes the checkpoint's values. A resumed run logs into the TensorBoard run it continues.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -39,6 +63,120 @@ class PlanCLI(LightningCLI):
                 "checkpoint.enable_version_counter": False,  # a resumed run overwrites last.ckpt
             }
         )
+        parser.add_lightning_class_args(MidTaskCheckpoint, "step_checkpoint")
+        parser.add_argument(
+            "--resume_settings",
+            type=Literal["refuse", "checkpoint"],
+            default="refuse",
+            help="fit --ckpt_path with model, data or method settings that differ from the checkpoint's: refuse "
+            "(list the differences and stop) or checkpoint (run with the checkpoint's values, listing them)",
+        )
+
+    # -- before the classes exist: compare settings, continue the TensorBoard run --------------------------
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand != "fit" or not self.config.fit.get("ckpt_path"):
+            return
+        config, path = self.config.fit, Path(self.config.fit.ckpt_path)
+        checkpoint = read_checkpoint(path)
+        stored = checkpoint["callbacks"].get(RunSettings.__qualname__)
+        if stored is None:
+            rank_zero_warn(f"{path} holds no record of its run's settings; they are not compared on resume")
+        else:
+            self._match_settings(config, stored)
+        continue_log_version(config, path)
+
+    def _match_settings(self, config: Namespace, stored: dict) -> None:
+        diff = settings_diff(stored["settings"], run_settings(config.as_dict()))
+        if not diff:
+            return
+        if config.resume_settings == "refuse":
+            raise ConfigError(
+                f"the settings differ from those checkpoint '{config.ckpt_path}' was trained with:\n{format_diff(diff)}\n"
+                "Resume with the checkpoint's settings, or pass --resume_settings checkpoint to take its values."
+            )
+        rank_zero_warn(f"--resume_settings checkpoint: running with the checkpoint's values for\n{format_diff(diff)}")
+        take_settings(config, stored["config"])
+        pl.seed_everything(config.seed_everything, workers=True, verbose=False)
+
+    # -- the trainer: atomic checkpoints, the settings record ----------------------------------------------
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own plugin stays
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer.callbacks.append(RunSettings(run_settings(config.as_dict()), settings_source(config.as_dict())))
+        return trainer
+
+    def before_fit(self) -> None:
+        folder = checkpoint_folder(self.trainer)
+        ckpt_path = self.config.fit.get("ckpt_path")
+        if folder is not None and folder.is_dir():
+            found = sorted(p.name for p in folder.glob("*.ckpt"))
+            resuming_here = ckpt_path is not None and Path(ckpt_path).resolve().parent == folder.resolve()
+            if found and not resuming_here:
+                raise ConfigError(
+                    f"run folder {folder} already holds checkpoints of another run ({', '.join(found[:4])}); "
+                    f"resume that run with --ckpt_path {folder / 'last.ckpt'}, or start this one elsewhere "
+                    "(another logger name, version or save_dir), or delete them"
+                )
+        self._announce("run folder")
+
+    def after_fit(self) -> None:
+        self._announce("finished; run folder")
+
+    def _announce(self, what: str) -> None:
+        logger = self.trainer.logger
+        folder = checkpoint_folder(self.trainer)
+        logs = f"logs {logger.log_dir}" if logger is not None and getattr(logger, "log_dir", None) else "no logger"
+        rank_zero_info(f"plan: {what}: {logs}; checkpoints {folder if folder else 'off'}")
+
+
+def continue_log_version(config: Namespace, ckpt_path: Path) -> None:
+    """If ``ckpt_path`` lies in ``<save_dir>/<name>/<version>/checkpoints`` of the configured logger and no
+    version was asked for, log into that version: the resumed run continues the same TensorBoard run."""
+    logger = config.trainer.get("logger")
+    if not isinstance(logger, Namespace) or "init_args" not in logger or "version" not in logger.init_args:
+        return
+    arguments = logger.init_args
+    if arguments.version is not None or not arguments.get("save_dir") or ckpt_path.parent.name != "checkpoints":
+        return
+    run = ckpt_path.resolve().parent.parent
+    if run.parent == (Path(arguments.save_dir) / str(arguments.get("name") or "")).resolve():
+        arguments.version = run.name
+
+
+def settings_source(config: dict) -> dict:
+    """The parts of a fit config that :func:`run_settings` reads, kept to restore them on resume."""
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    plan_callbacks = [
+        cb for cb in callbacks if isinstance(cb, dict) and str(cb.get("class_path", "")).startswith("plan.")
+    ]
+    return {
+        "seed_everything": config.get("seed_everything"),
+        "model": config.get("model"),
+        "data": config.get("data"),
+        "callbacks": plan_callbacks,
+    }
+
+
+def take_settings(config: Namespace, stored: dict) -> None:
+    """Put a checkpoint's model, data, seed and plan callbacks into ``config``, keeping the requested values of
+    the settings that may differ on resume (other callbacks, data loading workers, evaluation batch size)."""
+    data = dict_to_namespace(stored["data"])
+    for key in EXECUTION_ONLY:
+        if key in config:
+            data[key.removeprefix("data.")] = config[key]
+    config.seed_everything, config.model, config.data = (
+        stored["seed_everything"],
+        dict_to_namespace(stored["model"]),
+        data,
+    )
+    others = [
+        cb for cb in config.trainer.get("callbacks") or [] if not str(cb.get("class_path", "")).startswith("plan.")
+    ]
+    config.trainer.callbacks = others + [dict_to_namespace(cb) for cb in stored["callbacks"]]
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> PlanCLI:
