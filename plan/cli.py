@@ -8,12 +8,13 @@ so ``--ckpt_path`` resumes at the next task.
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from jsonargparse import Namespace, dict_to_namespace
+from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -72,19 +73,26 @@ class PlanCLI(LightningCLI):
             "(list the differences and stop) or checkpoint (run with the checkpoint's values, listing them)",
         )
 
-    # -- before the classes exist: compare settings, continue the TensorBoard run --------------------------
+    # -- right after parsing: verify the checkpoint, compare settings, continue the TensorBoard run ---------
 
-    def before_instantiate_classes(self) -> None:
-        if self.subcommand != "fit" or not self.config.fit.get("ckpt_path"):
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check ``ckpt_path`` before LightningCLI reads it: it would otherwise replace the model
+        settings with the checkpoint's hyperparameters without a word (and fail on a bad file with a raw
+        traceback)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if not subcommand or not self.config[subcommand].get("ckpt_path"):
             return
-        config, path = self.config.fit, Path(self.config.fit.ckpt_path)
-        checkpoint = read_checkpoint(path)
+        config = self.config[subcommand]
+        checkpoint = read_checkpoint(Path(config.ckpt_path))
+        if subcommand != "fit":
+            return
         stored = checkpoint["callbacks"].get(RunSettings.__qualname__)
         if stored is None:
-            rank_zero_warn(f"{path} holds no record of its run's settings; they are not compared on resume")
+            rank_zero_warn(f"{config.ckpt_path} holds no record of its run's settings; they are not compared")
         else:
             self._match_settings(config, stored)
-        continue_log_version(config, path)
+        continue_log_version(config, Path(config.ckpt_path))
 
     def _match_settings(self, config: Namespace, stored: dict) -> None:
         diff = settings_diff(stored["settings"], run_settings(config.as_dict()))
@@ -96,8 +104,9 @@ class PlanCLI(LightningCLI):
                 "Resume with the checkpoint's settings, or pass --resume_settings checkpoint to take its values."
             )
         rank_zero_warn(f"--resume_settings checkpoint: running with the checkpoint's values for\n{format_diff(diff)}")
-        take_settings(config, stored["config"])
-        pl.seed_everything(config.seed_everything, workers=True, verbose=False)
+        self.config = self.parser.parse_object(
+            {"fit": checkpoint_settings(config.as_dict(), stored["config"])}, self.config
+        )
 
     # -- the trainer: atomic checkpoints, the settings record ----------------------------------------------
 
@@ -161,22 +170,24 @@ def settings_source(config: dict) -> dict:
     }
 
 
-def take_settings(config: Namespace, stored: dict) -> None:
-    """Put a checkpoint's model, data, seed and plan callbacks into ``config``, keeping the requested values of
-    the settings that may differ on resume (other callbacks, data loading workers, evaluation batch size)."""
-    data = dict_to_namespace(stored["data"])
+def checkpoint_settings(config: dict, stored: dict) -> dict:
+    """The fit config's model, data, seed and plan callbacks as the checkpoint had them, keeping the requested
+    values of what may differ on resume (other callbacks, data loading workers, evaluation batch size)."""
+    data = copy.deepcopy(stored["data"])
     for key in EXECUTION_ONLY:
-        if key in config:
-            data[key.removeprefix("data.")] = config[key]
-    config.seed_everything, config.model, config.data = (
-        stored["seed_everything"],
-        dict_to_namespace(stored["model"]),
-        data,
-    )
-    others = [
-        cb for cb in config.trainer.get("callbacks") or [] if not str(cb.get("class_path", "")).startswith("plan.")
-    ]
-    config.trainer.callbacks = others + [dict_to_namespace(cb) for cb in stored["callbacks"]]
+        *path, leaf = key.split(".")[1:]
+        requested, target = config["data"], data
+        for part in path:
+            requested, target = requested[part], target[part]
+        target[leaf] = requested[leaf]
+    callbacks = config["trainer"].get("callbacks") or []
+    others = [cb for cb in callbacks if not str(cb.get("class_path", "")).startswith("plan.")]
+    return {
+        "seed_everything": stored["seed_everything"],
+        "model": stored["model"],
+        "data": data,
+        "trainer": {"callbacks": others + stored["callbacks"]},
+    }
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> PlanCLI:
