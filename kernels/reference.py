@@ -31,9 +31,9 @@ def stacked_lora_linear(
     Dropout follows ``nn.Dropout``: active only when ``training``, and it touches the slot's input only.
     """
     y = F.linear(x, weight, bias)
-    if lora_A is not None:
+    if lora_A is not None and lora_B is not None:
         dropped = F.dropout(x, dropout, training) if dropout > 0 else x
         y = y + (dropped @ lora_A.T @ lora_B.T) * scale
-    if past_A is not None and past_A.shape[0]:
+    if past_A is not None and past_B is not None and past_A.shape[0]:
         y = y + x @ past_A.T @ past_B.T
     return y

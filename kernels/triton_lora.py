@@ -531,7 +531,7 @@ class FusedLoRALinear(torch.autograd.Function):
                 PRECISION=precision,
                 ACC=acc,
             )
-            if need_db:
+            if db_part is not None:
                 db = db_part.sum(0).to(dtype)
         if need_dx:
             dx = torch.empty(M, K, dtype=dtype, device=device)
@@ -633,13 +633,13 @@ def stacked_lora_linear(
     p = dropout if training and lora_A is not None else 0.0
     seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
     device = x.device
-    operands = (x, weight, bias, lora_A, lora_B, past_A, past_B)
+    operands: tuple[Tensor | None, ...] = (x, weight, bias, lora_A, lora_B, past_A, past_B)
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
         operands = tuple(None if t is None else t.to(dtype) for t in operands)
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with torch.autocast(device.type, enabled=False), on_device:
-        x, weight, bias, lora_A, lora_B, past_A, past_B = operands
+        x, weight, bias, lora_A, lora_B, past_A, past_B = operands  # type: ignore[assignment]
         return fused_lora_linear(x, weight, bias, lora_A, lora_B, scale, past_A, past_B, p, seed)
 
 

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from plan.datamodules.continual import TaskLayout
+from plan.errors import ConfigError
 from plan.lora import LoRAConfig, LoRALinear, inject_lora, uniform_from_cpu_
 from plan.models import EMBEDDED_MINILM, hidden_size, load_backbone
 
@@ -60,8 +62,9 @@ class ContinualClassifier(pl.LightningModule):
         self.pooling = pooling
         self.train_classes = train_classes
         self.lr, self.head_lr, self.weight_decay = lr, head_lr or lr, weight_decay
-        self.head: nn.Linear | None = None
-        self.layout = None
+        self.head: nn.Linear  # created by configure_layout, once the task layout is known
+        self.task_metrics: nn.ModuleList
+        self.layout: TaskLayout = None  # set by configure_layout
         self.task_accuracy: dict[int, float] = {}
         self.loss_terms: dict[str, Callable[[], Tensor]] = {}
 
@@ -90,7 +93,7 @@ class ContinualClassifier(pl.LightningModule):
             datamodule.setup(stage)
             self.configure_layout(datamodule.layout)
 
-    def configure_layout(self, layout) -> None:
+    def configure_layout(self, layout: TaskLayout) -> None:
         """Create the head and the per-task accuracy metrics for a task layout."""
         self.layout = layout
         self.head = nn.Linear(hidden_size(self.backbone), layout.num_classes, device=self.device)
@@ -130,6 +133,8 @@ class ContinualClassifier(pl.LightningModule):
         hidden = self.backbone(**inputs).last_hidden_state
         mask = batch.get("attention_mask")
         if self.pooling == "mean" or (self.pooling == "auto" and mask is not None):
+            if mask is None:
+                raise ConfigError("model.pooling 'mean' needs an attention mask (text inputs); use 'cls' or 'auto'")
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         return hidden[:, 0]
@@ -156,7 +161,7 @@ class ContinualClassifier(pl.LightningModule):
 
     def _evaluate(self, batch: dict[str, Tensor], task: int, seen: int) -> None:
         logits = self(batch).masked_fill(~self.eval_mask(task, seen), float("-inf"))
-        self.task_metrics[task].update(logits.argmax(-1), batch["labels"])
+        self.task_metrics[task].update(logits.argmax(-1), batch["labels"])  # type: ignore[operator]
 
     def on_validation_epoch_end(self) -> None:
         self._collect_accuracy("val", len(self.trainer.val_dataloaders))
@@ -174,8 +179,9 @@ class ContinualClassifier(pl.LightningModule):
         """Per-task accuracy, summed over ranks by torchmetrics, then reset for the next evaluation."""
         accuracy = {}
         for task in range(count):
-            accuracy[task] = self.task_metrics[task].compute().item()
-            self.task_metrics[task].reset()
+            metric: MulticlassAccuracy = self.task_metrics[task]  # type: ignore[assignment]
+            accuracy[task] = metric.compute().item()
+            metric.reset()
         return accuracy
 
     @torch.no_grad()
