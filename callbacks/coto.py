@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 
 from plan.callbacks.sequencer import TaskCallback, run_seed
+from plan.errors import require
 
 
 def activation_probability(step: int, total_steps: int, start: float, ramp: float) -> float:
@@ -37,8 +38,10 @@ class ProgressiveActivation(TaskCallback):
     """
 
     def __init__(self, start: float = 0.1, ramp: float = 0.75, seed: int | None = None) -> None:
-        if not 0.0 <= start <= 1.0:
-            raise ValueError(f"CoTo start probability must be in [0, 1], got {start}")
+        require(0.0 <= start <= 1.0, f"ProgressiveActivation start must be a probability in [0, 1], got {start}")
+        require(
+            ramp >= 0.0, f"ProgressiveActivation ramp must be >= 0 (the share of a task's steps to reach 1), got {ramp}"
+        )
         self.start, self.ramp, self.seed = start, ramp, seed
         self.generator = torch.Generator()
 

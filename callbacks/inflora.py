@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 
 from plan.callbacks.subspace_memory import SubspaceMemory
+from plan.errors import require
 from plan.subspace import project_out
 
 
@@ -33,6 +34,10 @@ class InfLoRA(SubspaceMemory):
         max_examples: int | None = None,
     ) -> None:
         super().__init__(threshold_start, threshold_end, max_examples)
+        require(
+            a_scale > 0,
+            f"InfLoRA a_scale must be > 0 (the official 1/sqrt(3) = 0.577), got {a_scale}: A = 0 trains nothing",
+        )
         self.a_scale = a_scale
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 from torch import Tensor
 
 from plan.callbacks.sequencer import TaskCallback, TaskSequencer
+from plan.errors import require
 from plan.subspace import orthogonality_penalty
 
 
@@ -19,16 +20,23 @@ class OLoRA(TaskCallback):
     """
 
     def __init__(self, lambda_orth: float = 0.5, lambda_l2: float = 0.0, form: str = "abs") -> None:
-        if form not in ("abs", "squared"):
-            raise ValueError(f"O-LoRA form must be 'abs' or 'squared', got {form!r}")
+        require(form in ("abs", "squared"), f"O-LoRA form must be 'abs' or 'squared', got {form!r}")
+        for key, value in (("lambda_orth", lambda_orth), ("lambda_l2", lambda_l2)):
+            require(
+                value >= 0,
+                f"O-LoRA {key} must be >= 0 (a negative weight rewards what it should penalise), got {value}",
+            )
         self.lambda_orth = lambda_orth
         self.lambda_l2 = lambda_l2
         self.form = form
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         sequencers = [cb for cb in trainer.callbacks if isinstance(cb, TaskSequencer)]
-        if stage == "fit" and (not sequencers or sequencers[0].adapters != "stacked"):
-            raise ValueError("O-LoRA needs TaskSequencer(adapters='stacked'): one frozen adapter per past task")
+        require(
+            stage != "fit" or (bool(sequencers) and sequencers[0].adapters == "stacked"),
+            "O-LoRA needs TaskSequencer(adapters='stacked'): one frozen adapter per past task, got "
+            + (f"adapters={sequencers[0].adapters!r}" if sequencers else "no TaskSequencer"),
+        )
 
     def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
         layers = list(pl_module.lora_layers.values())

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from plan.callbacks.sequencer import run_seed
 from plan.callbacks.subspace_memory import SubspaceMemory
+from plan.errors import require
 from plan.subspace import (
     interference_scores,
     minor_weight_directions,
@@ -71,8 +72,12 @@ class PLAN(SubspaceMemory):
             ("selection", selection, SELECTIONS),
             ("perturbation", perturbation, PERTURBATIONS),
         ):
-            if value not in valid:
-                raise ValueError(f"PLAN {name} must be one of {valid}, got {value!r}")
+            require(value in valid, f"PLAN {name} must be one of {valid}, got {value!r}")
+        require(perturbation_scale >= 0, f"PLAN perturbation_scale must be >= 0 (a norm), got {perturbation_scale}")
+        require(
+            pool_size is None or pool_size >= 1,
+            f"PLAN pool_size must be >= 1 or None (the layer's input width), got {pool_size}",
+        )
         self.pool_kind, self.pool_size, self.selection = pool, pool_size, selection
         self.perturbation, self.perturbation_scale = perturbation, perturbation_scale
         self.train_basis, self.seed = train_basis, seed

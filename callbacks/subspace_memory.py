@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from plan.callbacks.sequencer import TaskCallback
+from plan.errors import require
 from plan.subspace import InputCovariance, expand_memory, project_rows_out, threshold_schedule, token_gram
 
 
@@ -32,12 +33,13 @@ class SubspaceMemory(TaskCallback):
         self, threshold_start: float = 0.95, threshold_end: float = 1.0, max_examples: int | None = None
     ) -> None:
         for name, value in (("threshold_start", threshold_start), ("threshold_end", threshold_end)):
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {value}")
+            require(0.0 < value <= 1.0, f"{name} must be in (0, 1] (the share of input energy kept), got {value}")
         self.threshold_start = threshold_start
         self.threshold_end = threshold_end
-        if max_examples is not None and max_examples < 1:
-            raise ValueError(f"max_examples must be a positive number of examples or None (all), got {max_examples}")
+        require(
+            max_examples is None or max_examples >= 1,
+            f"max_examples must be a positive number of examples or None (all), got {max_examples}",
+        )
         self.max_examples = max_examples
         self.bases: dict[str, Tensor] = {}
 

@@ -17,10 +17,12 @@ from functools import partial
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from plan.datamodules.sources import DataSource, Examples
+from plan.errors import require
 from plan.models import EMBEDDED_MINILM, load_tokenizer
 
 SCENARIOS = ("class_incremental", "task_incremental", "domain_incremental")
@@ -52,20 +54,20 @@ def class_incremental_layout(
     known = set(classes)
     if tasks is not None:
         unknown = sorted({c for task in tasks for c in task} - known)
-        if unknown:
-            raise ValueError(f"task split names unknown classes {unknown}; the data has classes {sorted(known)}")
+        require(not unknown, f"tasks name unknown classes {unknown}; the data has classes {sorted(known)}")
+        empty = [t for t, task in enumerate(tasks) if not task]
+        require(not empty, f"tasks: task(s) {empty} list no classes; every task needs at least one class")
         flat = [c for task in tasks for c in task]
-        if len(flat) != len(set(flat)):
-            raise ValueError(
-                f"task split repeats classes across tasks: {sorted({c for c in flat if flat.count(c) > 1})}"
-            )
+        repeated = sorted({c for c in flat if flat.count(c) > 1})
+        require(not repeated, f"tasks repeat classes across tasks: {repeated}; each class belongs to one task")
         order, sizes = flat, [len(task) for task in tasks]
     else:
-        if classes_per_task is None or classes_per_task <= 0 or len(classes) % classes_per_task:
-            raise ValueError(
-                f"classes_per_task={classes_per_task} must be a positive divisor of the {len(classes)} classes "
-                f"(or give 'tasks' as lists of class names)"
-            )
+        divisors = [k for k in range(1, len(classes) + 1) if len(classes) % k == 0]
+        require(
+            classes_per_task in divisors,
+            f"classes_per_task={classes_per_task} must cut the {len(classes)} classes into equal tasks: one of "
+            f"{divisors} (or give 'tasks' as lists of class names)",
+        )
         order = sorted(classes)
         random.Random(order_seed).shuffle(order)
         sizes = [classes_per_task] * (len(classes) // classes_per_task)
@@ -73,17 +75,23 @@ def class_incremental_layout(
     for size in sizes:
         task_classes.append(list(range(start, start + size)))
         start += size
-    return TaskLayout(scenario, order, task_classes, [f"task_{t}" for t in range(len(sizes))])
+    layout = TaskLayout(scenario, order, task_classes, [f"task_{t}" for t in range(len(sizes))])
+    single = [name for name, ids in zip(layout.task_names, task_classes) if len(ids) == 1]
+    if scenario == "task_incremental" and single:
+        rank_zero_warn(
+            f"task_incremental with one-class tasks {single}: evaluating such a task ranks its one class alone, "
+            "so its accuracy is 1.0 whatever the model learned"
+        )
+    return layout
 
 
 def domain_incremental_layout(classes: list[str], domains: list[str], order: list[str] | None) -> TaskLayout:
     """One task per domain over one shared label space."""
     if order is not None:
         unknown = sorted(set(order) - set(domains))
-        if unknown:
-            raise ValueError(
-                f"domain order names unknown domains {unknown}; the data has domains {sorted(set(domains))}"
-            )
+        require(not unknown, f"domains names unknown domains {unknown}; the data has domains {sorted(set(domains))}")
+        repeated = sorted({d for d in order if order.count(d) > 1})
+        require(not repeated, f"domains repeats {repeated}; each domain is one task")
     names = list(order) if order is not None else sorted(set(domains))
     all_ids = list(range(len(classes)))
     return TaskLayout("domain_incremental", sorted(classes), [all_ids for _ in names], names)
@@ -106,20 +114,67 @@ class EncodedExamples(Dataset):
 
 
 def load_splits(source: DataSource) -> tuple[Examples, Examples]:
-    """The source's train and test splits; an empty one is an error that names the source."""
+    """The source's train and test splits. An empty split, or test classes the training split lacks (the model
+    could never predict them), is an error naming the source; classes with no test example only warn."""
     train, test = source.load("train"), source.load("test")
     for name, split in (("train", train), ("test", test)):
-        if len(split) == 0:
-            raise ValueError(f"source {source.describe()} gave an empty {name} split")
+        require(len(split) > 0, f"source {source.describe()} gave an empty {name} split")
+    test_only = sorted(set(test.labels) - set(train.labels))
+    require(
+        not test_only,
+        f"the test split of {source.describe()} has classes the training split lacks: {test_only}; "
+        "the model can never predict them: add training examples of them or drop them from the test split",
+    )
+    untested = sorted(set(train.labels) - set(test.labels))
+    if untested:
+        rank_zero_warn(f"classes {untested} have no test examples in {source.describe()}: nothing measures them")
     return train, test
 
 
-def tokenizer_for(examples: Examples, name: str) -> tuple[object | None, int]:
-    """The tokenizer text inputs need (None for images) and the id it pads with (0 if it has none)."""
+def check_loader_settings(batch_size: int, eval_batch_size: int | None, max_length: int, num_workers: int) -> None:
+    """Refuse loader settings that would fail later with an error naming none of them (a batch size of 0 is
+    range()'s 'arg 3 must not be zero' in the middle of fit)."""
+    for key, value, least, meaning in (
+        ("batch_size", batch_size, 1, "examples per batch"),
+        ("eval_batch_size", 1 if eval_batch_size is None else eval_batch_size, 1, "examples per batch, or null"),
+        ("max_length", max_length, 1, "tokens per text"),
+        ("num_workers", num_workers, 0, "loader processes, 0 = load in the main process"),
+    ):
+        require(value >= least, f"{key} must be >= {least} ({meaning}), got {value}")
+
+
+def tokenizer_for(examples: Examples, name: str, max_length: int) -> tuple[object | None, int]:
+    """The tokenizer text inputs need (None for images) and the id it pads with (0 if it has none).
+
+    ``max_length`` must leave room for text beside the special tokens: a tokenizer does not refuse one that
+    does not, it ignores it (MiniLM's gives whole texts for 1, and only [CLS] [SEP] for 2)."""
     if isinstance(examples.inputs, Tensor):
         return None, 0
     tokenizer = load_tokenizer(name)
+    special = tokenizer.num_special_tokens_to_add()
+    require(
+        max_length > special,
+        f"max_length={max_length} leaves no room for text: tokenizer '{name}' adds {special} special tokens to "
+        f"every example; use max_length > {special} (e.g. 128)",
+    )
+    if max_length > tokenizer.model_max_length:
+        rank_zero_warn(
+            f"max_length={max_length} exceeds the {tokenizer.model_max_length} tokens tokenizer '{name}' is made "
+            "for: a backbone with that many positions fails on a longer text"
+        )
     return tokenizer, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def unused_settings(scenario: str, classes_per_task: int | None, tasks: list | None, domains: list | None) -> list[str]:
+    """The settings given that ``scenario`` does not read, each with what decides instead."""
+    given = {"classes_per_task": classes_per_task, "tasks": tasks, "domains": domains}
+    if scenario == "domain_incremental":
+        unread = {"classes_per_task": "the tasks are the domains", "tasks": "the tasks are the domains"}
+    else:
+        unread = {"domains": f"{scenario} tasks are class groups"}
+        if tasks is not None:
+            unread["classes_per_task"] = "the explicit tasks decide"
+    return [f"{key} ({why})" for key, why in unread.items() if given[key] is not None]
 
 
 def eval_shard(indices: list[int], rank: int, world_size: int) -> list[int]:
@@ -215,12 +270,12 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if scenario not in SCENARIOS:
-            raise ValueError(f"scenario {scenario!r} is not one of {SCENARIOS}")
-        if eval_tasks not in ("seen", "all"):
-            raise ValueError(f"eval_tasks must be 'seen' or 'all', got {eval_tasks!r}")
-        if passes_per_task < 1:
-            raise ValueError(f"passes_per_task must be >= 1, got {passes_per_task}")
+        require(scenario in SCENARIOS, f"scenario {scenario!r} is not one of {SCENARIOS}")
+        require(eval_tasks in ("seen", "all"), f"eval_tasks must be 'seen' or 'all', got {eval_tasks!r}")
+        require(passes_per_task >= 1, f"passes_per_task must be >= 1, got {passes_per_task}")
+        check_loader_settings(batch_size, eval_batch_size, max_length, num_workers)
+        for setting in unused_settings(scenario, classes_per_task, tasks, domains):
+            rank_zero_warn(f"{setting}: this setting has no effect")
         self.source = source
         self.scenario = scenario
         self.classes_per_task = classes_per_task
@@ -278,15 +333,34 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         train, test = load_splits(self.source)
         classes = sorted(set(train.labels))
         if self.scenario == "domain_incremental":
-            if train.domains is None:
-                raise ValueError(f"domain_incremental needs a source with domains; {self.source.describe()} has none")
+            require(
+                train.domains is not None,
+                f"domain_incremental needs a source with domains; {self.source.describe()} has none",
+            )
             self.layout = domain_incremental_layout(classes, train.domains, self.domains)
         else:
             self.layout = class_incremental_layout(
                 classes, self.scenario, self.classes_per_task, self.tasks, self.class_order_seed
             )
-        tokenizer, self.pad_id = tokenizer_for(train, self.tokenizer_name)
+            left_out = sorted(set(classes) - set(self.layout.class_names))
+            require(
+                not left_out,
+                f"tasks leave out classes {left_out} of the data, whose examples would be dropped; list them in "
+                "a task, or use a source that holds only the classes you want",
+            )
+        tokenizer, self.pad_id = tokenizer_for(train, self.tokenizer_name, self.max_length)
         self._splits = {"train": self._encode(train, tokenizer), "test": self._encode(test, tokenizer)}
+        layout, (_, test_tasks) = self.layout, self._splits["test"]
+        untested = [
+            f"task {t} ({layout.task_names[t]}: classes {[layout.class_names[c] for c in layout.task_classes[t]]})"
+            for t, indices in enumerate(test_tasks)
+            if not indices
+        ]
+        require(
+            not untested,
+            f"{'; '.join(untested)} has no test examples, so its accuracy would read 0.0; add test examples of "
+            "it, or use data without it",
+        )
 
     def _encode(self, examples: Examples, tokenizer) -> tuple[EncodedExamples, list[list[int]]]:
         """Encode the examples of the layout's classes and list each task's example indices."""

@@ -23,6 +23,7 @@ from plan.datamodules.continual import (
     EncodedExamples,
     ShardedBatchSampler,
     TaskLayout,
+    check_loader_settings,
     collate,
     encode_examples,
     eval_shard,
@@ -30,6 +31,7 @@ from plan.datamodules.continual import (
     tokenizer_for,
 )
 from plan.datamodules.sources import DataSource
+from plan.errors import require
 from plan.models import EMBEDDED_MINILM
 from plan.partition import label_histogram, partition
 
@@ -152,14 +154,17 @@ class FederatedDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {rounds}")
-        if not 0 < client_fraction <= 1:
-            raise ValueError(f"client_fraction must be in (0, 1], got {client_fraction}")
-        if clients_per_round is not None and not 1 <= clients_per_round <= num_clients:
-            raise ValueError(f"clients_per_round must be in 1..num_clients={num_clients}, got {clients_per_round}")
-        if local_epochs < 1 or (local_steps is not None and local_steps < 1):
-            raise ValueError(f"local_epochs and local_steps must be >= 1, got {local_epochs} and {local_steps}")
+        require(rounds >= 1, f"rounds must be >= 1, got {rounds}")
+        require(0 < client_fraction <= 1, f"client_fraction must be in (0, 1], got {client_fraction}")
+        require(
+            clients_per_round is None or 1 <= clients_per_round <= num_clients,
+            f"clients_per_round must be in 1..num_clients={num_clients}, got {clients_per_round}",
+        )
+        require(
+            local_epochs >= 1 and (local_steps is None or local_steps >= 1),
+            f"local_epochs and local_steps must be >= 1, got {local_epochs} and {local_steps}",
+        )
+        check_loader_settings(batch_size, eval_batch_size, max_length, num_workers)
         self.source = source
         self.rounds = rounds
         self.num_clients = num_clients
@@ -236,9 +241,6 @@ class FederatedDataModule(pl.LightningDataModule):
         train, test = load_splits(self.source)
         classes = sorted(set(train.labels))
         class_id = {name: i for i, name in enumerate(classes)}
-        unknown = sorted(set(test.labels) - set(classes))
-        if unknown:
-            raise ValueError(f"the test split has classes the training split lacks: {unknown}")
         self.layout = TaskLayout("federated", classes, [list(range(len(classes)))], ["global"])
         self.client_indices = partition(
             self.partition,
@@ -250,7 +252,7 @@ class FederatedDataModule(pl.LightningDataModule):
             domains=train.domains,
             min_size=self.min_client_size,
         )
-        tokenizer, self.pad_id = tokenizer_for(train, self.tokenizer_name)
+        tokenizer, self.pad_id = tokenizer_for(train, self.tokenizer_name, self.max_length)
         self._train = encode_examples(train, class_id, tokenizer, self.max_length)
         self._test = encode_examples(test, class_id, tokenizer, self.max_length)
 

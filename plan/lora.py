@@ -18,12 +18,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from plan.kernels import check_kernel, stacked_lora_linear
+from plan.errors import ConfigError, require
+from plan.kernels import KERNELS, check_kernel, stacked_lora_linear
 from plan.subspace import compress_factors
 
 
@@ -37,6 +39,22 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
     kernel: str = "auto"  # auto | triton | torch: the path of the LoRA layers' forward/backward (plan.kernels)
 
+    def __post_init__(self) -> None:
+        """Refuse settings that would train nothing or fail later; ``rank`` is checked per layer at injection,
+        where its valid range 1..min(in, out) is known."""
+        require(
+            self.alpha > 0,
+            f"lora.alpha must be > 0, got {self.alpha}: the update is scaled by alpha/rank, so alpha 0 never "
+            "moves the adapters and a negative alpha flips them (a common choice is alpha = 2 * rank)",
+        )
+        require(
+            0 <= self.dropout < 1,
+            f"lora.dropout must be in [0, 1), got {self.dropout}: it is the probability of zeroing an input",
+        )
+        require(
+            self.kernel in KERNELS, f"lora.kernel must be one of {', '.join(map(repr, KERNELS))}; got {self.kernel!r}"
+        )
+
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
@@ -45,6 +63,9 @@ class LoRAConfig:
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a frozen stack of past adapters and one trainable low-rank slot."""
 
+    past_A: Tensor  # buffers, registered in __init__ and replaced as the stack grows
+    past_B: Tensor
+
     def __init__(
         self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, name: str = "", kernel: str = "auto"
     ) -> None:
@@ -52,7 +73,7 @@ class LoRALinear(nn.Module):
         self.kernel = check_kernel(kernel)
         limit = min(base.in_features, base.out_features)
         if not 0 < rank <= limit:
-            raise ValueError(
+            raise ConfigError(
                 f"LoRA rank {rank} does not fit layer '{name}' ({base.in_features} -> {base.out_features}): "
                 f"rank must be in 1..{limit}"
             )
@@ -61,7 +82,7 @@ class LoRALinear(nn.Module):
         self.rank = rank
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory: dict[str, Any] = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, **factory))
         self.register_buffer("past_A", torch.empty(0, base.in_features, **factory))
@@ -205,7 +226,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> dict[str, LoRALinear]:
     targets = [name for name in linears if _matches(name, config.target_modules)]
     if not targets:
         suffixes = sorted({name.rsplit(".", 1)[-1] for name in linears})
-        raise ValueError(
+        raise ConfigError(
             f"target_modules {config.target_modules} match no nn.Linear in {type(model).__name__}; "
             f"its linear layers end in: {suffixes}"
         )
@@ -249,7 +270,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> None:
     expected = set(adapter_state_dict(model))
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(
+        raise ConfigError(
             f"adapter file {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     for name, layer in layers.items():

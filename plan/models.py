@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from plan.errors import ConfigError, require
+
 EMBEDDED_MINILM = "embedded:all-MiniLM-L6-v2"
 
 
@@ -31,7 +33,7 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(path)
     # A hub name is "name" or "org/name"; anything else can only be a local path.
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise FileNotFoundError(
+        raise ConfigError(
             f"model path '{name_or_path}' does not exist; pass an existing folder with a config.json, "
             f"a Hugging Face model name such as 'bert-base-uncased', or '{EMBEDDED_MINILM}'"
         )
@@ -55,7 +57,7 @@ def load_backbone(name_or_path: str | nn.Module = EMBEDDED_MINILM, config: dict[
         fields = dict(config)
         model_type = fields.pop("model_type", None)
         if model_type is None:
-            raise ValueError(f"backbone config needs a 'model_type' (e.g. 'bert', 'vit'); got keys {sorted(config)}")
+            raise ConfigError(f"backbone_config needs a 'model_type' (e.g. 'bert', 'vit'); got keys {sorted(config)}")
         return AutoModel.from_config(AutoConfig.for_model(model_type, **fields))
     path = resolve_model_path(name_or_path)
     try:
@@ -75,4 +77,20 @@ def load_tokenizer(name_or_path: str = EMBEDDED_MINILM):
 
 
 def hidden_size(backbone: nn.Module) -> int:
-    return int(backbone.config.hidden_size)
+    config: Any = backbone.config
+    return int(config.hidden_size)
+
+
+def check_vocabulary(backbone: nn.Module, tokenizer: Any, backbone_name: str, tokenizer_name: str) -> None:
+    """Refuse a tokenizer with more tokens than the backbone has embedding rows: its larger ids would fail
+    with an IndexError in the middle of fit, at the first batch that holds one. Fewer tokens are fine (tables
+    are often padded). Image inputs (no tokenizer) and backbones without an embedding table pass."""
+    table = getattr(backbone, "get_input_embeddings", lambda: None)()
+    if tokenizer is None or not isinstance(table, nn.Embedding):
+        return
+    require(
+        len(tokenizer) <= table.num_embeddings,
+        f"tokenizer '{tokenizer_name}' has {len(tokenizer)} tokens but backbone '{backbone_name}' embeds only "
+        f"{table.num_embeddings}: ids from {table.num_embeddings} on would index past its embedding table. "
+        "Encode the data with the backbone's own tokenizer (data tokenizer = the backbone's name or path).",
+    )

@@ -12,16 +12,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from plan.errors import ConfigError, require
+
 PARTITIONS = ("iid", "dirichlet", "shards", "domain")
 
 
 def _check_counts(num_examples: int, num_clients: int, min_size: int) -> None:
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-    if min_size < 1:
-        raise ValueError(f"min_size must be >= 1 (no client may be empty), got {min_size}")
+    require(num_clients >= 1, f"num_clients must be >= 1, got {num_clients}")
+    require(min_size >= 1, f"min_client_size must be >= 1 (no client may be empty), got {min_size}")
     if num_clients * min_size > num_examples:
-        raise ValueError(
+        raise ConfigError(
             f"{num_clients} clients with at least {min_size} example(s) each need {num_clients * min_size} examples, "
             f"but the training split has {num_examples}; use at most {num_examples // min_size} clients"
         )
@@ -53,7 +53,7 @@ def dirichlet_partition(
     Yurochkin et al. 2019 split that FedIT, FS-LLM and Flower use). Small ``alpha`` concentrates each class on
     few clients; large ``alpha`` approaches IID. Draws again until every client has ``min_size`` examples."""
     if not alpha > 0:
-        raise ValueError(f"Dirichlet alpha must be > 0 (small = skewed, large = near IID), got {alpha}")
+        raise ConfigError(f"Dirichlet alpha must be > 0 (small = skewed, large = near IID), got {alpha}")
     _check_counts(len(labels), num_clients, min_size)
     classes, members = _classes(labels)
     rng = _rng(seed)
@@ -69,9 +69,9 @@ def dirichlet_partition(
                 start = end
         if min(len(c) for c in clients) >= min_size:
             return [sorted(c) for c in clients]
-    raise ValueError(
+    raise ConfigError(
         f"Dirichlet(alpha={alpha}) left a client with fewer than {min_size} example(s) in {max_tries} draws "
-        f"({len(labels)} examples, {num_clients} clients); raise alpha, lower min_size or use fewer clients"
+        f"({len(labels)} examples, {num_clients} clients); raise alpha, lower min_client_size or use fewer clients"
     )
 
 
@@ -80,8 +80,7 @@ def shard_partition(
 ) -> list[list[int]]:
     """FedAvg's pathological split: examples sorted by label are cut into ``num_clients * shards_per_client``
     equal shards and each client draws ``shards_per_client`` of them at random, so it sees few classes."""
-    if shards_per_client < 1:
-        raise ValueError(f"shards_per_client must be >= 1, got {shards_per_client}")
+    require(shards_per_client >= 1, f"shards_per_client must be >= 1, got {shards_per_client}")
     num_shards = num_clients * shards_per_client
     _check_counts(len(labels), num_shards, min_size)  # every shard, hence every client, gets min_size
     classes, members = _classes(labels)
@@ -105,7 +104,7 @@ def domain_partition(
     IID, or by ``Dirichlet(alpha)`` over labels (feature + label non-IID) when ``alpha`` is given."""
     names = sorted(set(domains), key=str)
     if num_clients < len(names):
-        raise ValueError(
+        raise ConfigError(
             f"a domain partition needs at least one client per domain: {len(names)} domains {names}, got {num_clients} clients"
         )
     result: list[list[int]] = [[] for _ in range(num_clients)]
@@ -117,8 +116,8 @@ def domain_partition(
                 parts = iid_partition(len(idx), len(owners), seed * 31 + d, min_size)
             else:
                 parts = dirichlet_partition([labels[i] for i in idx], len(owners), alpha, seed * 31 + d, min_size)
-        except ValueError as error:
-            raise ValueError(f"domain {name!r}: {error}") from None
+        except ConfigError as error:
+            raise ConfigError(f"domain {name!r}: {error}") from None
         for owner, part in zip(owners, parts):
             result[owner] = [idx[i] for i in part]
     return result
@@ -141,15 +140,15 @@ def partition(
         return iid_partition(len(labels), num_clients, seed, min_size)
     if kind == "dirichlet":
         if alpha is None:
-            raise ValueError("partition 'dirichlet' needs alpha > 0")
+            raise ConfigError("partition 'dirichlet' needs alpha > 0, got alpha=None")
         return dirichlet_partition(labels, num_clients, alpha, seed, min_size)
     if kind == "shards":
         return shard_partition(labels, num_clients, shards_per_client, seed, min_size)
     if kind == "domain":
         if domains is None:
-            raise ValueError("partition 'domain' needs a source with domains (e.g. TwentyNewsgroups(labels='domain'))")
+            raise ConfigError("partition 'domain' needs a source with domains (e.g. TwentyNewsgroups(labels='domain'))")
         return domain_partition(domains, labels, num_clients, seed, alpha, min_size)
-    raise ValueError(f"unknown partition {kind!r}; choose one of {PARTITIONS}")
+    raise ConfigError(f"unknown partition {kind!r}; choose one of {PARTITIONS}")
 
 
 def label_histogram(labels: Sequence[int], clients: list[list[int]], num_classes: int) -> torch.Tensor:
