@@ -104,7 +104,7 @@ class PlanCLI(LightningCLI):
                 "Resume with the checkpoint's settings, or pass --resume_settings checkpoint to take its values."
             )
         rank_zero_warn(f"--resume_settings checkpoint: running with the checkpoint's values for\n{format_diff(diff)}")
-        self.config = self.parser.parse_object(
+        self.config: Namespace = self.parser.parse_object(
             {"fit": checkpoint_settings(config.as_dict(), stored["config"])}, self.config
         )
 
