@@ -7,6 +7,7 @@ from plan.callbacks.forgetting import ForgettingLogger
 from plan.callbacks.inflora import InfLoRA
 from plan.callbacks.olora import OLoRA
 from plan.callbacks.plan_allocation import PLAN
+from plan.callbacks.predictions import PredictionWriter
 from plan.callbacks.sequencer import TaskCallback, TaskSequencer
 from plan.callbacks.subspace_memory import GradientProjection, SubspaceMemory
 
@@ -17,6 +18,7 @@ __all__ = [
     "GradientProjection",
     "InfLoRA",
     "OLoRA",
+    "PredictionWriter",
     "ProgressiveActivation",
     "SubspaceMemory",
     "TaskCallback",

@@ -9,6 +9,7 @@ import torch
 
 from plan.callbacks.sequencer import TaskCallback, run_seed
 from plan.errors import require
+from plan.seeding import step_seed
 
 
 def activation_probability(step: int, total_steps: int, start: float, ramp: float) -> float:
@@ -32,7 +33,7 @@ class ProgressiveActivation(TaskCallback):
     """Each training step keeps a block's trainable slots active with probability ``p``, rising linearly from
     ``start`` to 1 over the first ``ramp`` share of each task's steps; at least one block stays active.
     Inactive slots add nothing to the forward pass (frozen past adapters always do). Draws come from a
-    generator seeded per task, so the rest of training sees the same random numbers as without CoTo, and
+    generator seeded per step (task, batch), so the rest of training sees the same random numbers as without CoTo, and
     ``start=1`` is exactly plain training. Works with any adapter mode and beside any other method. ``seed``
     defaults to the run's ``seed_everything`` value.
     """
@@ -45,8 +46,7 @@ class ProgressiveActivation(TaskCallback):
         self.start, self.ramp, self.seed = start, ramp, seed
         self.generator = torch.Generator()
 
-    def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
-        self.generator.manual_seed(run_seed(self.seed) * 7907 + task)
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.groups = layer_groups(list(pl_module.lora_layers))
 
     def probability(self, trainer: pl.Trainer, batch_idx: int) -> float:
@@ -56,6 +56,7 @@ class ProgressiveActivation(TaskCallback):
         p = self.probability(trainer, batch_idx)
         if p >= 1.0:
             return
+        self.generator.manual_seed(step_seed(run_seed(self.seed), trainer.current_epoch, batch_idx))
         active = torch.rand(len(self.groups), generator=self.generator) < p
         if not active.any():
             active[torch.randint(len(self.groups), (1,), generator=self.generator)] = True

@@ -50,3 +50,7 @@ class InfLoRA(SubspaceMemory):
             layer.lora_A.copy_((self.a_scale * directions[name][:, : layer.rank].T).to(layer.lora_A))
             layer.lora_B.zero_()
             layer.lora_A.requires_grad_(False)
+
+    def on_task_resume(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        for layer in pl_module.lora_layers.values():
+            layer.lora_A.requires_grad_(False)

@@ -38,7 +38,9 @@ class OLoRA(TaskCallback):
             + (f"adapters={sequencers[0].adapters!r}" if sequencers else "no TaskSequencer"),
         )
 
-    def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Register the terms once: they read the layers' current stack and slot at every step, so they hold
+        for every task, including one a run resumes in the middle of."""
         layers = list(pl_module.lora_layers.values())
 
         def orthogonality() -> Tensor:

@@ -34,6 +34,7 @@ from torch import Tensor
 from plan.callbacks.sequencer import run_seed
 from plan.callbacks.subspace_memory import SubspaceMemory
 from plan.errors import require
+from plan.seeding import step_seed
 from plan.subspace import (
     interference_scores,
     minor_weight_directions,
@@ -86,7 +87,8 @@ class PLAN(SubspaceMemory):
         self.old_covariance: dict[str, Tensor] = {}
         self._hooks: list = []
         self._noise: dict[str, Tensor] = {}
-        self._free: dict[str, Tensor] = {}
+        self._free: dict[str, Tensor] = {}  # self.free on the model's device while a task trains
+        self.free: dict[str, Tensor] = {}  # per layer, the still-free directions the current task is perturbed along
 
     # -- components ---------------------------------------------------------------------------------------
 
@@ -140,11 +142,17 @@ class PLAN(SubspaceMemory):
             rest = torch.ones(candidates.shape[1], dtype=torch.bool)
             rest[chosen] = False
             self.allocated.setdefault(name, []).append(candidates[:, chosen])
-            free[name] = candidates[:, rest]  # the candidates are orthonormal: the ones not chosen stay free
+            free[name] = candidates[:, rest][:, : layer.rank]  # orthonormal candidates: the rest stay free
             layer.lora_A.copy_(candidates[:, chosen].T.to(layer.lora_A))
             layer.lora_B.zero_()
             layer.lora_A.requires_grad_(self.train_basis)
-        self._start_perturbation(pl_module, free, generator)
+        self.free = free
+        self._start_perturbation(pl_module)
+
+    def on_task_resume(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        for layer in pl_module.lora_layers.values():
+            layer.lora_A.requires_grad_(self.train_basis)
+        self._start_perturbation(pl_module)
 
     def update_memory(self, covariances: dict[str, Tensor], task: int, num_tasks: int) -> None:
         """Also keep the old tasks' summed input second moments, the numerator of the selection score."""
@@ -157,16 +165,13 @@ class PLAN(SubspaceMemory):
 
     # -- component 3: perturbation ------------------------------------------------------------------------
 
-    def _start_perturbation(
-        self, pl_module: pl.LightningModule, free: dict[str, Tensor], generator: torch.Generator
-    ) -> None:
+    def _start_perturbation(self, pl_module: pl.LightningModule) -> None:
         self._stop_perturbation()
         if self.perturbation == "none":
             return
-        self._generator = generator
         for name, layer in pl_module.lora_layers.items():
             if self.perturbation == "future":
-                self._free[name] = free[name][:, : layer.rank].to(layer.lora_A)
+                self._free[name] = self.free[name].to(layer.lora_A)
             self._hooks.append(
                 layer.register_forward_hook(lambda module, args, out, n=name: self._perturb(n, module, args[0], out))
             )
@@ -181,9 +186,10 @@ class PLAN(SubspaceMemory):
         ``||dB|| = scale * ||B_past||`` (past)."""
         if self.perturbation == "none":
             return
+        generator = torch.Generator().manual_seed(step_seed(run_seed(self.seed), trainer.current_epoch, batch_idx))
         for name, layer in pl_module.lora_layers.items():
             width = self._free[name].shape[1] if self.perturbation == "future" else layer.past_rank
-            noise = torch.randn(layer.out_features, width, generator=self._generator, dtype=torch.float64)
+            noise = torch.randn(layer.out_features, width, generator=generator, dtype=torch.float64)
             reference = 1.0 if self.perturbation == "future" else layer.past_B.norm().item()
             self._noise[name] = (self.perturbation_scale * reference * noise / noise.norm().clamp_min(1e-12)).to(
                 layer.lora_B
@@ -207,12 +213,14 @@ class PLAN(SubspaceMemory):
             "pools": self.pools,
             "allocated": self.allocated,
             "old_covariance": self.old_covariance,
+            "free": self.free,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        self.pools, self.allocated, self.old_covariance = (
+        self.pools, self.allocated, self.old_covariance, self.free = (
             state_dict["pools"],
             state_dict["allocated"],
             state_dict["old_covariance"],
+            state_dict["free"],
         )

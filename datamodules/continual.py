@@ -9,15 +9,18 @@ same global batches as a single process.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -26,6 +29,8 @@ from plan.errors import require
 from plan.models import EMBEDDED_MINILM, load_tokenizer
 
 SCENARIOS = ("class_incremental", "task_incremental", "domain_incremental")
+TAGS = ("client", "index")  # batch entries that say where an example comes from, not what it is
+PREDICT_SPLITS = ("train", "test")
 
 
 @dataclass
@@ -143,6 +148,15 @@ def check_loader_settings(batch_size: int, eval_batch_size: int | None, max_leng
         require(value >= least, f"{key} must be >= {least} ({meaning}), got {value}")
 
 
+def tokenizer_name_for(requested: str | None, trainer: pl.Trainer | None) -> str:
+    """``requested``, else the tokenizer of the model being trained (its ``tokenizer_source``), else the embedded
+    MiniLM's: by default the data is encoded with the backbone's own tokenizer."""
+    if requested is not None:
+        return requested
+    model = trainer.lightning_module if trainer is not None else None
+    return getattr(model, "tokenizer_source", None) or EMBEDDED_MINILM
+
+
 def tokenizer_for(examples: Examples, name: str, max_length: int) -> tuple[object | None, int]:
     """The tokenizer text inputs need (None for images) and the id it pads with (0 if it has none).
 
@@ -192,6 +206,94 @@ def encode_examples(examples: Examples, class_id: dict[str, int], tokenizer, max
     return EncodedExamples({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}, labels)
 
 
+class SkipFirst(Sampler[list]):
+    """A batch sampler whose next pass leaves out its first ``skip`` batches (then ``skip`` returns to 0)."""
+
+    def __init__(self, batches: Sampler[list]) -> None:
+        self.batches, self.skip = batches, 0
+
+    def __iter__(self) -> Iterator[list]:
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.batches), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+
+class ResumableLoader(DataLoader):
+    """A training loader that Lightning checkpoints in the middle of an epoch: its state is how many batches
+    the training loop has finished, and a loader given that state skips exactly those, so a run resumed from a
+    mid-task checkpoint continues at the next batch (the batch order is seeded, hence the same)."""
+
+    def __init__(self, dataset: Dataset, batch_sampler: Sampler[list], trainer: pl.Trainer | None, **kwargs) -> None:
+        super().__init__(dataset, batch_sampler=SkipFirst(batch_sampler), **kwargs)
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
+        return {"batches_done": done}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.batch_sampler.skip = state_dict["batches_done"]  # type: ignore[union-attr]
+
+
+class Indexed(Dataset):
+    """Each example with its position in the dataset, so that a prediction names the example it is for."""
+
+    def __init__(self, examples: Dataset) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.examples[i], "index": i}
+
+
+def read_texts(path: str) -> list[str]:
+    """The texts of a file to predict for: one per line of a ``.txt`` file, or the ``text`` column of a
+    CSV, JSON (lines) or Parquet file."""
+    file = Path(path)
+    require(file.is_file(), f"data.predict_file: '{path}' does not exist")
+    if file.suffix == ".txt":
+        return [line for line in file.read_text().splitlines() if line.strip()]
+    kinds = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+    require(file.suffix in kinds, f"data.predict_file: '{path}' must end in .txt or one of {sorted(kinds)}")
+    import datasets
+
+    table = datasets.load_dataset(kinds[file.suffix], data_files=str(file), split="train")
+    require(
+        "text" in table.column_names, f"data.predict_file: '{path}' has no 'text' column; it has {table.column_names}"
+    )
+    return [str(text) for text in table["text"]]
+
+
+class Predictions:
+    """``predict_dataloader`` for the datamodules: a split of the source (``predict_split``) or the texts of
+    ``predict_file``, each example tagged with its index; labels are -1 for a file, which has none."""
+
+    predict_split: str
+    predict_file: str | None
+    tokenizer: Any
+    max_length: int
+    eval_batch_size: int
+    num_workers: int
+    pad_id: int
+
+    def _prediction_loader(self, examples: EncodedExamples | None) -> DataLoader:
+        if examples is None:
+            texts = read_texts(self.predict_file)  # type: ignore[arg-type]
+            require(
+                self.tokenizer is not None, "data.predict_file holds texts, but this data has no tokenizer (images)"
+            )
+            encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)  # type: ignore[operator]
+            features = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+            examples = EncodedExamples(features, torch.full((len(texts),), -1))
+        sampler = ShardedBatchSampler(list(range(len(examples))), self.eval_batch_size, 0, shuffle=False)
+        collate_fn = partial(collate, pad_id=self.pad_id)
+        return DataLoader(Indexed(examples), batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.num_workers)
+
+
 class ShardedBatchSampler(Sampler[list[int]]):
     """Global batches of a seeded permutation (one permutation per pass), each cut into this rank's share.
 
@@ -230,7 +332,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
         return len(self._global_batches())
 
 
-class TaskSequenceDataModule(pl.LightningDataModule):
+class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
     """A sequence of tasks cut from one source; epoch ``t`` trains task ``t`` and validates tasks ``0..t``.
 
     Args:
@@ -248,7 +350,9 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         eval_tasks: validate on the tasks ``seen`` so far (the lower triangle of the accuracy matrix) or on
             ``all`` tasks, which also fills the upper triangle and so yields forward transfer.
         batch_size: global batch size; under DDP each rank takes ``batch_size / world_size`` of each batch.
-        tokenizer: model name or path whose tokenizer encodes text sources.
+        tokenizer: model name or path whose tokenizer encodes text sources (default: the model's backbone).
+        predict_split, predict_file: what ``plan predict`` predicts for: a split of the source, or a file
+            (``.txt``, one text per line, or a CSV/JSON/Parquet file with a ``text`` column).
     """
 
     def __init__(
@@ -265,11 +369,17 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         eval_tasks: str = "seen",
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        tokenizer: str = EMBEDDED_MINILM,
+        tokenizer: str | None = None,
         max_length: int = 128,
         num_workers: int = 0,
+        predict_split: str = "test",
+        predict_file: str | None = None,
     ) -> None:
         super().__init__()
+        require(
+            predict_split in PREDICT_SPLITS,
+            f"data.predict_split must be one of {PREDICT_SPLITS}, got {predict_split!r}",
+        )
         require(scenario in SCENARIOS, f"scenario {scenario!r} is not one of {SCENARIOS}")
         require(eval_tasks in ("seen", "all"), f"eval_tasks must be 'seen' or 'all', got {eval_tasks!r}")
         require(passes_per_task >= 1, f"passes_per_task must be >= 1, got {passes_per_task}")
@@ -291,6 +401,9 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         self.tokenizer_name = tokenizer
         self.max_length = max_length
         self.num_workers = num_workers
+        self.predict_split, self.predict_file = predict_split, predict_file
+        self.tokenizer: Any = None  # set at setup: the tokenizer of tokenizer_name (None for images)
+        self.tasks_trained: int | None = None  # outside fit: how many tasks the loaded checkpoint had trained
         self.layout: TaskLayout | None = None
         self.pad_id = 0
         self._splits: dict[str, tuple[EncodedExamples, list[list[int]]]] = {}
@@ -348,8 +461,9 @@ class TaskSequenceDataModule(pl.LightningDataModule):
                 f"tasks leave out classes {left_out} of the data, whose examples would be dropped; list them in "
                 "a task, or use a source that holds only the classes you want",
             )
-        tokenizer, self.pad_id = tokenizer_for(train, self.tokenizer_name, self.max_length)
-        self._splits = {"train": self._encode(train, tokenizer), "test": self._encode(test, tokenizer)}
+        self.tokenizer_name = tokenizer_name_for(self.tokenizer_name, self.trainer)
+        self.tokenizer, self.pad_id = tokenizer_for(train, self.tokenizer_name, self.max_length)
+        self._splits = {"train": self._encode(train, self.tokenizer), "test": self._encode(test, self.tokenizer)}
         layout, (_, test_tasks) = self.layout, self._splits["test"]
         untested = [
             f"task {t} ({layout.task_names[t]}: classes {[layout.class_names[c] for c in layout.task_classes[t]]})"
@@ -389,26 +503,22 @@ class TaskSequenceDataModule(pl.LightningDataModule):
     ) -> DataLoader:
         dataset, _ = self._splits[split]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        collate_fn = partial(collate, pad_id=self.pad_id)
         if shuffle:
             sampler = ShardedBatchSampler(indices, batch_size, seed, passes, True, rank, world)
-        else:
-            sampler = ShardedBatchSampler(eval_shard(indices, rank, world), batch_size, seed, passes, False)
-        return DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=partial(collate, pad_id=self.pad_id),
-            num_workers=self.num_workers,
-        )
+            return ResumableLoader(dataset, sampler, self.trainer, collate_fn=collate_fn, num_workers=self.num_workers)
+        sampler = ShardedBatchSampler(eval_shard(indices, rank, world), batch_size, seed, passes, False)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.num_workers)
 
     @property
     def current_stage(self) -> int:
         return self.trainer.current_epoch if self.trainer else 0
 
     def seen_now(self) -> int:
-        """Tasks trained so far: up to the current epoch while fitting; every task when validating or
-        testing outside ``fit``, which evaluates the finished sequence."""
+        """Tasks trained so far: up to the current epoch while fitting; outside ``fit``, the tasks the loaded
+        checkpoint had trained (every task for a finished sequence, or without a checkpoint)."""
         if self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
-            return self.num_tasks
+            return self.tasks_trained or self.num_tasks
         return self.tasks_seen(self.current_stage)
 
     def train_dataloader(self) -> DataLoader:
@@ -426,7 +536,13 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         return self.task_eval_loaders(count)
 
     def test_dataloader(self) -> list[DataLoader]:
-        return self.task_eval_loaders(self.num_tasks)
+        seen = self.seen_now()
+        if seen < self.num_tasks:
+            rank_zero_info(f"the checkpoint has trained {seen} of {self.num_tasks} tasks: testing tasks 0..{seen - 1}")
+        return self.task_eval_loaders(seen)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._prediction_loader(self._splits[self.predict_split][0] if self.predict_file is None else None)
 
     def task_train_loader(self, task: int, max_examples: int | None = None) -> DataLoader:
         """One pass over ``task``'s training data (this rank's shard), for input statistics: all of it, or
@@ -447,9 +563,10 @@ class TaskSequenceDataModule(pl.LightningDataModule):
     # -- checkpoints --------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"fingerprint": self.fingerprint()}
+        return {"fingerprint": self.fingerprint(), "tasks_trained": self.seen_now()}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self.tasks_trained = state_dict.get("tasks_trained")
         stored, current = state_dict.get("fingerprint"), self.fingerprint()
         if stored != current:
             diff = {k: ((stored or {}).get(k), current[k]) for k in current if (stored or {}).get(k) != current[k]}
@@ -462,8 +579,9 @@ class TaskSequenceDataModule(pl.LightningDataModule):
 def collate(items: list[dict], pad_id: int = 0) -> dict[str, Tensor]:
     """Stack images, or right-pad token ids (with ``pad_id``) and attention masks to the longest sequence."""
     batch: dict[str, Tensor] = {"labels": torch.stack([item["labels"] for item in items])}
-    if "client" in items[0]:
-        batch["client"] = torch.tensor([item["client"] for item in items])
+    for key in TAGS:
+        if key in items[0]:
+            batch[key] = torch.tensor([item[key] for item in items])
     if "pixel_values" in items[0]:
         batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
         return batch

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import partial
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -20,7 +21,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from plan.datamodules.continual import (
+    PREDICT_SPLITS,
     EncodedExamples,
+    Predictions,
+    ResumableLoader,
     ShardedBatchSampler,
     TaskLayout,
     check_loader_settings,
@@ -29,10 +33,10 @@ from plan.datamodules.continual import (
     eval_shard,
     load_splits,
     tokenizer_for,
+    tokenizer_name_for,
 )
 from plan.datamodules.sources import DataSource
 from plan.errors import require
-from plan.models import EMBEDDED_MINILM
 from plan.partition import label_histogram, partition
 
 
@@ -113,7 +117,7 @@ class ClientRoundSampler(Sampler[list[tuple[int, int]]]):
         )
 
 
-class FederatedDataModule(pl.LightningDataModule):
+class FederatedDataModule(Predictions, pl.LightningDataModule):
     """``num_clients`` simulated clients over one source; epoch ``t`` is round ``t``.
 
     Args:
@@ -131,6 +135,7 @@ class FederatedDataModule(pl.LightningDataModule):
         batch_size: a client's local batch size (never split across ranks).
         seed: seeds the partition, the per-round client sample and every client's data order.
         tokenizer, max_length: how text is encoded.
+        predict_split, predict_file: what ``plan predict`` predicts for (see TaskSequenceDataModule).
     """
 
     def __init__(
@@ -149,11 +154,17 @@ class FederatedDataModule(pl.LightningDataModule):
         batch_size: int = 16,
         eval_batch_size: int | None = None,
         seed: int = 0,
-        tokenizer: str = EMBEDDED_MINILM,
+        tokenizer: str | None = None,
         max_length: int = 128,
         num_workers: int = 0,
+        predict_split: str = "test",
+        predict_file: str | None = None,
     ) -> None:
         super().__init__()
+        require(
+            predict_split in PREDICT_SPLITS,
+            f"data.predict_split must be one of {PREDICT_SPLITS}, got {predict_split!r}",
+        )
         require(rounds >= 1, f"rounds must be >= 1, got {rounds}")
         require(0 < client_fraction <= 1, f"client_fraction must be in (0, 1], got {client_fraction}")
         require(
@@ -178,6 +189,8 @@ class FederatedDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.seed = seed
         self.tokenizer_name, self.max_length, self.num_workers = tokenizer, max_length, num_workers
+        self.predict_split, self.predict_file = predict_split, predict_file
+        self.tokenizer: Any = None  # set at setup: the tokenizer of tokenizer_name (None for images)
         self.joint = True  # the module trains and evaluates on every class at once
         self.layout: TaskLayout | None = None
         self.client_indices: list[list[int]] = []
@@ -252,9 +265,10 @@ class FederatedDataModule(pl.LightningDataModule):
             domains=train.domains,
             min_size=self.min_client_size,
         )
-        tokenizer, self.pad_id = tokenizer_for(train, self.tokenizer_name, self.max_length)
-        self._train = encode_examples(train, class_id, tokenizer, self.max_length)
-        self._test = encode_examples(test, class_id, tokenizer, self.max_length)
+        self.tokenizer_name = tokenizer_name_for(self.tokenizer_name, self.trainer)
+        self.tokenizer, self.pad_id = tokenizer_for(train, self.tokenizer_name, self.max_length)
+        self._train = encode_examples(train, class_id, self.tokenizer, self.max_length)
+        self._test = encode_examples(test, class_id, self.tokenizer, self.max_length)
 
     def train_dataloader(self) -> DataLoader:
         round_index = self.trainer.current_epoch if self.trainer else 0
@@ -274,9 +288,10 @@ class FederatedDataModule(pl.LightningDataModule):
             self.local_steps,
             idle_steps,
         )
-        return DataLoader(
+        return ResumableLoader(
             ClientTagged(self._train),
-            batch_sampler=sampler,
+            sampler,
+            self.trainer,
             collate_fn=partial(collate, pad_id=self.pad_id),
             num_workers=self.num_workers,
         )
@@ -286,6 +301,10 @@ class FederatedDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader()]
+
+    def predict_dataloader(self) -> DataLoader:
+        split = self._train if self.predict_split == "train" else self._test
+        return self._prediction_loader(split if self.predict_file is None else None)
 
     def _eval_loader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)

@@ -98,7 +98,9 @@ def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
 # -- the settings a resumed run must share with its checkpoint ---------------------------------------------
 
 # Settings that change how a run is executed, not what it computes: they may differ on resume.
-EXECUTION_ONLY = ("data.init_args.num_workers", "data.init_args.eval_batch_size")
+EXECUTION_ONLY = tuple(
+    f"data.init_args.{key}" for key in ("num_workers", "eval_batch_size", "predict_split", "predict_file")
+)
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -186,6 +188,10 @@ class MidTaskCheckpoint(ModelCheckpoint):
         if self.sharded_clients or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Nothing: the last task-end checkpoint is the run's final state (ModelCheckpoint would write
+        ``last.ckpt`` once more here, after the epoch counter has moved past the last task)."""
 
 
 class RunSettings(Callback):

@@ -20,6 +20,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from plan import export
+from plan.callbacks.predictions import PredictionWriter
 from plan.checkpoints import (
     EXECUTION_ONLY,
     AtomicCheckpointIO,
@@ -72,6 +74,13 @@ class PlanCLI(LightningCLI):
             help="fit --ckpt_path with model, data or method settings that differ from the checkpoint's: refuse "
             "(list the differences and stop) or checkpoint (run with the checkpoint's values, listing them)",
         )
+        parser.add_argument(
+            "--predictions",
+            type=str | None,
+            default=None,
+            help="predict: the CSV file to write (default: predictions-<split or file name>.csv in the run folder "
+            "of --ckpt_path)",
+        )
 
     # -- right after parsing: verify the checkpoint, compare settings, continue the TensorBoard run ---------
 
@@ -116,6 +125,8 @@ class PlanCLI(LightningCLI):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer.callbacks.append(RunSettings(run_settings(config.as_dict()), settings_source(config.as_dict())))
+        if self.subcommand == "predict":
+            trainer.callbacks.append(PredictionWriter(config.predictions or default_predictions_path(config)))
         return trainer
 
     def before_fit(self) -> None:
@@ -140,6 +151,15 @@ class PlanCLI(LightningCLI):
         folder = checkpoint_folder(self.trainer)
         logs = f"logs {logger.log_dir}" if logger is not None and getattr(logger, "log_dir", None) else "no logger"
         rank_zero_info(f"plan: {what}: {logs}; checkpoints {folder if folder else 'off'}")
+
+
+def default_predictions_path(config: Namespace) -> str:
+    """``predictions-<split or file stem>.csv`` in the run folder of ``ckpt_path`` (or the working folder)."""
+    data = config.data.init_args
+    what = Path(data.predict_file).stem if data.get("predict_file") else data.get("predict_split", "test")
+    ckpt_path = config.get("ckpt_path")
+    folder = Path(ckpt_path).resolve().parent.parent if ckpt_path else Path.cwd()
+    return str(folder / f"predictions-{what}.csv")
 
 
 def continue_log_version(config: Namespace, ckpt_path: Path) -> None:
@@ -206,11 +226,20 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> PlanCLI:
 
 
 def main() -> None:
-    """The ``plan`` console command: known user errors become one line on stderr and exit status 2."""
+    """The ``plan`` console command (LightningCLI's subcommands, and ``export``): known user errors become one
+    line on stderr and exit status 2."""
     try:
-        run_cli()
-    except ConfigError as err:
-        print(f"plan: error: {err}", file=sys.stderr)
+        if sys.argv[1:2] == ["export"]:
+            export.main(sys.argv[2:])
+        else:
+            run_cli()
+    except ValueError as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__  # jsonargparse raises its own error with a constructor's ConfigError as cause
+        if cause is None:
+            raise
+        print(f"plan: error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -7,6 +7,7 @@ Methods live in callbacks and reach the module through three things: :attr:`lora
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 
 import lightning.pytorch as pl
 import torch
@@ -14,13 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from plan.datamodules.continual import TaskLayout
-from plan.errors import ConfigError
+from plan.datamodules.continual import TAGS, TaskLayout
+from plan.errors import ConfigError, require
 from plan.lora import LoRAConfig, LoRALinear, inject_lora, uniform_from_cpu_
-from plan.models import EMBEDDED_MINILM, hidden_size, load_backbone
+from plan.models import EMBEDDED_MINILM, check_vocabulary, hidden_size, load_backbone
 
 LORA_KEYS = ("lora_A", "lora_B", "past_A", "past_B")
-NON_INPUT_KEYS = ("labels", "client")  # batch entries that are not model inputs (a federated batch names its client)
+NON_INPUT_KEYS = ("labels", *TAGS)  # batch entries that are not model inputs
 
 
 class ContinualClassifier(pl.LightningModule):
@@ -51,10 +52,14 @@ class ContinualClassifier(pl.LightningModule):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
-        if pooling not in ("auto", "mean", "cls"):
-            raise ValueError(f"pooling must be 'auto', 'mean' or 'cls', got {pooling!r}")
-        if train_classes not in ("current", "seen"):
-            raise ValueError(f"train_classes must be 'current' or 'seen', got {train_classes!r}")
+        require(pooling in ("auto", "mean", "cls"), f"model.pooling must be 'auto', 'mean' or 'cls', got {pooling!r}")
+        require(
+            train_classes in ("current", "seen"),
+            f"model.train_classes must be 'current' or 'seen', got {train_classes!r}",
+        )
+        require(lr > 0, f"model.lr must be > 0 (AdamW's step size for the LoRA slots), got {lr}")
+        require(head_lr is None or head_lr > 0, f"model.head_lr must be > 0, or null to use lr, got {head_lr}")
+        require(weight_decay >= 0, f"model.weight_decay must be >= 0 (AdamW's decoupled decay), got {weight_decay}")
         self.save_hyperparameters()
         self.lora_config = lora or LoRAConfig()
         self.backbone = load_backbone(backbone, backbone_config).train()  # from_pretrained returns eval mode
@@ -67,6 +72,13 @@ class ContinualClassifier(pl.LightningModule):
         self.layout: TaskLayout = None  # set by configure_layout
         self.task_accuracy: dict[int, float] = {}
         self.loss_terms: dict[str, Callable[[], Tensor]] = {}
+
+    @property
+    def tokenizer_source(self) -> str:
+        """Where the data's tokenizer comes from unless the datamodule names one: the pretrained backbone's
+        folder or hub name; the embedded MiniLM's for a backbone built from a config or given as a module."""
+        backbone = self.hparams.backbone
+        return backbone if isinstance(backbone, str) and self.hparams.backbone_config is None else EMBEDDED_MINILM
 
     # -- the surface callbacks use ------------------------------------------------------------------------
 
@@ -91,7 +103,21 @@ class ContinualClassifier(pl.LightningModule):
                     "ContinualClassifier needs a task-sequence datamodule (plan.datamodules.TaskSequenceDataModule)"
                 )
             datamodule.setup(stage)
+            self.check_layout(datamodule.layout, datamodule.joint)
             self.configure_layout(datamodule.layout)
+            check_vocabulary(self.backbone, datamodule.tokenizer, str(self.hparams.backbone), datamodule.tokenizer_name)
+
+    def check_layout(self, layout: TaskLayout, joint: bool) -> None:
+        """Refuse tasks that this model cannot learn from: with ``train_classes='current'`` a task of one class
+        is ranked against itself alone, so its loss is exactly 0."""
+        if joint or self.train_classes != "current":
+            return
+        single = [name for name, ids in zip(layout.task_names, layout.task_classes) if len(ids) < 2]
+        require(
+            not single,
+            f"model.train_classes='current' trains each task on its own classes only, but tasks {single} have one "
+            "class, so their loss is exactly 0; use train_classes: seen, or at least 2 classes per task",
+        )
 
     def configure_layout(self, layout: TaskLayout) -> None:
         """Create the head and the per-task accuracy metrics for a task layout."""
@@ -157,7 +183,21 @@ class ContinualClassifier(pl.LightningModule):
         self._evaluate(batch, dataloader_idx, self._tasks_seen())
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, dataloader_idx, self.layout.num_tasks)
+        self._evaluate(batch, dataloader_idx, self._tasks_seen())
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, list]:
+        """The most probable class among those the model has been trained on so far, and its probability."""
+        seen = self._tasks_seen()
+        classes = self._class_mask([c for t in range(seen) for c in self.layout.task_classes[t]])
+        probabilities = self(batch).masked_fill(~classes, float("-inf")).softmax(-1)
+        score, predicted = probabilities.max(-1)
+        names = self.layout.class_names
+        return {
+            "index": batch["index"].tolist(),
+            "label": [names[c] if c >= 0 else "" for c in batch["labels"].tolist()],
+            "predicted": [names[c] for c in predicted.tolist()],
+            "score": score.tolist(),
+        }
 
     def _evaluate(self, batch: dict[str, Tensor], task: int, seen: int) -> None:
         logits = self(batch).masked_fill(~self.eval_mask(task, seen), float("-inf"))
@@ -167,7 +207,7 @@ class ContinualClassifier(pl.LightningModule):
         self._collect_accuracy("val", len(self.trainer.val_dataloaders))
 
     def on_test_epoch_end(self) -> None:
-        self._collect_accuracy("test", self.layout.num_tasks)
+        self._collect_accuracy("test", len(self.trainer.test_dataloaders))
 
     def _collect_accuracy(self, split: str, count: int) -> None:
         self.task_accuracy = self._compute_accuracy(count)
@@ -212,12 +252,16 @@ class ContinualClassifier(pl.LightningModule):
         return [k for k in state if k.startswith("backbone.") and not k.endswith(LORA_KEYS)]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Leave the frozen backbone weights out: it is reloaded from ``backbone`` on resume."""
+        """Leave the frozen backbone weights out (it is reloaded from ``backbone``), and keep the task layout,
+        which sizes the head, so that ``load_from_checkpoint`` needs no datamodule."""
         state = checkpoint["state_dict"]
         for key in self._frozen_keys(state):
             del state[key]
+        checkpoint["task_layout"] = asdict(self.layout)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.layout is None and "task_layout" in checkpoint:
+            self.configure_layout(TaskLayout(**checkpoint["task_layout"]))
         state, own = checkpoint["state_dict"], self.state_dict()
         for key in self._frozen_keys(own):
             state.setdefault(key, own[key])

@@ -294,11 +294,12 @@ def test_drivers_refuse_the_other_scenario_and_too_many_epochs(tiny_fed, tiny):
 def test_checkpoints_do_not_cross_scenarios(tiny_fed, tiny):
     fit(tiny.config("continual"), "--trainer.max_epochs", "1")
     fit(tiny_fed.config("federated"), "--trainer.max_epochs", "1")
-    with pytest.raises(ValueError, match="not written by a federated run"):
+    # plan fit compares the run's settings first: another scenario means other callbacks and data
+    with pytest.raises(ValueError, match="callback plan.callbacks.FederatedRounds: checkpoint '\\(not set\\)'"):
         fit(tiny_fed.config("federated"), "--ckpt_path", str(tiny.checkpoints("continual") / "last.ckpt"))
-    with pytest.raises(ValueError, match="not written by a continual-learning run"):
+    with pytest.raises(ValueError, match="callback plan.callbacks.TaskSequencer: checkpoint '\\(not set\\)'"):
         fit(tiny.config("continual"), "--ckpt_path", str(tiny_fed.checkpoints("federated") / "last.ckpt"))
-    with pytest.raises(ValueError, match="different federation.*num_clients"):
+    with pytest.raises(ValueError, match="data.init_args.num_clients: checkpoint 6, requested 5"):
         fit(
             tiny_fed.config("other", data__init_args__num_clients=5),
             "--ckpt_path",
@@ -325,3 +326,21 @@ def test_ddp_shards_clients_and_aggregates_like_one_process(tiny_fed):
     assert sorted(ddp["callbacks"]["FederatedRounds"]["clients"]) == sorted(
         single["callbacks"]["FederatedRounds"]["clients"]
     )
+
+
+def test_the_python_api_refuses_checkpoints_of_another_scenario_or_federation(tiny_fed, tiny):
+    """Without the plan command's settings comparison, the driver and the datamodule still refuse."""
+    fit(tiny.config("continual"), "--trainer.max_epochs", "1")
+    fit(tiny_fed.config("federated"), "--trainer.max_epochs", "1")
+    for config, checkpoint, message in (
+        (tiny_fed.config("a"), tiny.checkpoints("continual"), "not written by a federated run"),
+        (tiny.config("b"), tiny_fed.checkpoints("federated"), "not written by a continual-learning run"),
+        (
+            tiny_fed.config("c", data__init_args__num_clients=5),
+            tiny_fed.checkpoints("federated"),
+            "different federation.*num_clients",
+        ),
+    ):
+        cli = run_cli(["--config", str(config)], run=False)
+        with pytest.raises(ValueError, match=message):
+            cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=str(checkpoint / "last.ckpt"))
