@@ -8,6 +8,7 @@ from plan.callbacks.inflora import InfLoRA
 from plan.callbacks.olora import OLoRA
 from plan.callbacks.plan_allocation import PLAN
 from plan.callbacks.predictions import PredictionWriter
+from plan.callbacks.progress import StageProgressBar
 from plan.callbacks.sequencer import TaskCallback, TaskSequencer
 from plan.callbacks.subspace_memory import GradientProjection, SubspaceMemory
 
@@ -20,6 +21,7 @@ __all__ = [
     "OLoRA",
     "PredictionWriter",
     "ProgressiveActivation",
+    "StageProgressBar",
     "SubspaceMemory",
     "TaskCallback",
     "TaskSequencer",

@@ -82,6 +82,7 @@ class FederatedRounds(Callback):
         self.current_client: int | None = None
         self.client_first_batch = 0  # the round's batch index at which the current client started
         self.last_round: dict = {}
+        self.history: list[dict] = []  # one row per closed round: its last_round and the global accuracy
 
     # -- setup --------------------------------------------------------------------------------------------
 
@@ -133,6 +134,7 @@ class FederatedRounds(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.round_updates, self.current_client = [], None
+        rank_zero_info(f"plan: {trainer.datamodule.describe_stage(trainer.current_epoch)}")
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict, batch_idx: int
@@ -265,14 +267,18 @@ class FederatedRounds(Callback):
     # -- logging ------------------------------------------------------------------------------------------
 
     def _log_round(self, trainer: pl.Trainer) -> None:
-        if not trainer.is_global_zero or not self.last_round:
+        if not self.last_round:
             return
-        metrics = {f"fed/{k}": float(v) for k, v in self.last_round.items() if k != "round" and not math.isnan(v)}
         accuracy = trainer.callback_metrics.get("val/acc")
-        if accuracy is not None:
-            metrics["fed/acc"] = float(accuracy)
+        self.history.append({**self.last_round, "acc": float("nan") if accuracy is None else float(accuracy)})
+        if not trainer.is_global_zero:
+            return
+        metrics = {f"fed/{k}": float(v) for k, v in self.history[-1].items() if k != "round" and not math.isnan(v)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self.last_round["round"] + 1)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rank_zero_info(f"federated run, aggregation {self.rule.name!r}\n{format_rounds(self.history)}")
 
     def _log_partition(self, trainer: pl.Trainer) -> None:
         """Per-client label histograms: a heatmap and a table in TensorBoard, sizes in the console."""
@@ -317,6 +323,7 @@ class FederatedRounds(Callback):
             "round_updates": [_update_to_dict(u) for u in self.round_updates],
             "current_client": self.current_client,
             "client_first_batch": self.client_first_batch,
+            "history": self.history,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -329,6 +336,24 @@ class FederatedRounds(Callback):
         self.clients = {int(k): _update_from_dict(v) for k, v in state_dict["clients"].items()}
         self.round_updates = [_update_from_dict(u) for u in state_dict["round_updates"]]
         self.current_client, self.client_first_batch = state_dict["current_client"], state_dict["client_first_batch"]
+        self.history = state_dict["history"]
+
+
+def format_rounds(history: list[dict]) -> str:
+    """The run's rounds as a table: global accuracy, clients aggregated and excluded, traffic; then totals."""
+    lines = [f"{'round':>5} {'acc':>7} {'aggregated':>10} {'excluded':>8} {'MB up':>9} {'MB down':>9}"]
+    for row in history:
+        lines.append(
+            f"{row['round']:>5} {row['acc']:>7.4f} {row['aggregated']:>10} {row['excluded']:>8} "
+            f"{row['bytes_up'] / 1e6:>9.3f} {row['bytes_down'] / 1e6:>9.3f}"
+        )
+    if history:
+        total = lambda key: sum(row[key] for row in history)
+        lines.append(
+            f"{'all':>5} {history[-1]['acc']:>7.4f} {total('aggregated'):>10} {total('excluded'):>8} "
+            f"{total('bytes_up') / 1e6:>9.3f} {total('bytes_down') / 1e6:>9.3f}"
+        )
+    return "\n".join(lines)
 
 
 def _from_every_rank(obj, trainer: pl.Trainer) -> list:

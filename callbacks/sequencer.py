@@ -7,6 +7,7 @@ import os
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 
 from plan.seeding import reseed, step_seed
 
@@ -99,6 +100,7 @@ class TaskSequencer(Callback):
         if task < self.tasks_started:  # resumed inside a task: its start already happened
             return
         reseed(step_seed(self.seed, task))
+        rank_zero_info(f"plan: {trainer.datamodule.describe_stage(task)}")
         for optimizer in trainer.optimizers:
             optimizer.state.clear()
         for callback in self._task_callbacks(trainer):

@@ -347,6 +347,9 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
         seed: seed of the data order; pass ``p`` of task ``t`` uses a permutation drawn from (seed, t, p).
         passes_per_task: how many times an epoch walks over the task's training data.
         joint: train once on the union of all tasks (the multi-task upper bound), validating on each task.
+        val_fraction: hold out this share of each task's training examples (seeded) as a validation split:
+            validation, and so the accuracy matrix, then reads it, and the test split is kept for ``plan test``
+            (0: validate on the test split, as the published benchmarks report).
         eval_tasks: validate on the tasks ``seen`` so far (the lower triangle of the accuracy matrix) or on
             ``all`` tasks, which also fills the upper triangle and so yields forward transfer.
         batch_size: global batch size; under DDP each rank takes ``batch_size / world_size`` of each batch.
@@ -366,6 +369,7 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
         seed: int = 0,
         passes_per_task: int = 1,
         joint: bool = False,
+        val_fraction: float = 0.0,
         eval_tasks: str = "seen",
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -395,6 +399,8 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
         self.seed = seed
         self.passes_per_task = passes_per_task
         self.joint = joint
+        require(0.0 <= val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.val_fraction = val_fraction
         self.eval_tasks = eval_tasks
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -422,6 +428,19 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
     def tasks_seen(self, stage: int) -> int:
         """How many tasks have been trained once stage ``stage`` is done."""
         return self.num_tasks if self.joint else stage + 1
+
+    def stage_name(self, stage: int) -> str:
+        """The short title of a stage: "task 2/5", or "joint" for the multi-task bound."""
+        return "joint" if self.joint else f"task {stage + 1}/{self.num_tasks}"
+
+    def describe_stage(self, stage: int) -> str:
+        """What a stage trains, for the logs: the task's number and classes (or domain)."""
+        layout = self._require_layout()
+        if self.joint:
+            return f"joint training on all {layout.num_tasks} tasks ({layout.num_classes} classes)"
+        classes = ", ".join(layout.class_names[c] for c in layout.task_classes[stage])
+        domain = f" (domain {layout.task_names[stage]})" if layout.scenario == "domain_incremental" else ""
+        return f"task {stage + 1} of {layout.num_tasks}{domain}: classes {classes}"
 
     def fingerprint(self) -> dict:
         layout = self._require_layout()
@@ -464,6 +483,8 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
         self.tokenizer_name = tokenizer_name_for(self.tokenizer_name, self.trainer)
         self.tokenizer, self.pad_id = tokenizer_for(train, self.tokenizer_name, self.max_length)
         self._splits = {"train": self._encode(train, self.tokenizer), "test": self._encode(test, self.tokenizer)}
+        if self.val_fraction:
+            self._splits["train"], self._splits["val"] = hold_out(*self._splits["train"], self.val_fraction, self.seed)
         layout, (_, test_tasks) = self.layout, self._splits["test"]
         untested = [
             f"task {t} ({layout.task_names[t]}: classes {[layout.class_names[c] for c in layout.task_classes[t]]})"
@@ -535,11 +556,16 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
         count = self.num_tasks if self.eval_tasks == "all" else self.seen_now()
         return self.task_eval_loaders(count)
 
+    @property
+    def validation_split(self) -> str:
+        """The split validation reads: the held-out part of the training data, or the test split."""
+        return "val" if "val" in self._splits else "test"
+
     def test_dataloader(self) -> list[DataLoader]:
         seen = self.seen_now()
         if seen < self.num_tasks:
             rank_zero_info(f"the checkpoint has trained {seen} of {self.num_tasks} tasks: testing tasks 0..{seen - 1}")
-        return self.task_eval_loaders(seen)
+        return self.task_eval_loaders(seen, "test")
 
     def predict_dataloader(self) -> DataLoader:
         return self._prediction_loader(self._splits[self.predict_split][0] if self.predict_file is None else None)
@@ -555,10 +581,11 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
             indices = [indices[i] for i in sorted(pick[:max_examples].tolist())]
         return self._loader("train", indices, self.eval_batch_size, False)
 
-    def task_eval_loaders(self, count: int) -> list[DataLoader]:
-        """One evaluation loader per task ``0..count-1``, on the source's test split."""
-        _, task_indices = self._splits["test"]
-        return [self._loader("test", task_indices[t], self.eval_batch_size, False) for t in range(count)]
+    def task_eval_loaders(self, count: int, split: str | None = None) -> list[DataLoader]:
+        """One evaluation loader per task ``0..count-1``, on ``split`` (default: the validation split)."""
+        split = split or self.validation_split
+        _, task_indices = self._splits[split]
+        return [self._loader(split, task_indices[t], self.eval_batch_size, False) for t in range(count)]
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
@@ -574,6 +601,20 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
                 "checkpoint belongs to a different task sequence; (checkpoint, this run) differ in: "
                 + "; ".join(f"{k}: {a!r} != {b!r}" for k, (a, b) in diff.items())
             )
+
+
+def hold_out(
+    dataset: EncodedExamples, task_indices: list[list[int]], fraction: float, seed: int
+) -> tuple[tuple[EncodedExamples, list[list[int]]], tuple[EncodedExamples, list[list[int]]]]:
+    """Split every task's examples into (training, validation): a seeded ``fraction`` of each task (at least
+    one example, at least one left to train on) goes to validation."""
+    train, val = [], []
+    for task, indices in enumerate(task_indices):
+        order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed * 7919 + task + 104729))
+        count = min(max(1, round(fraction * len(indices))), len(indices) - 1)
+        val.append(sorted(indices[i] for i in order[:count].tolist()))
+        train.append(sorted(indices[i] for i in order[count:].tolist()))
+    return (dataset, train), (dataset, val)
 
 
 def collate(items: list[dict], pad_id: int = 0) -> dict[str, Tensor]:

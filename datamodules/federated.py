@@ -234,6 +234,12 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
     def seen_now(self) -> int:
         return 1
 
+    def stage_name(self, stage: int) -> str:
+        return f"round {stage + 1}/{self.rounds}"
+
+    def describe_stage(self, stage: int) -> str:
+        return f"round {stage + 1} of {self.rounds}: clients {self.sampled_clients(stage)}"
+
     def fingerprint(self) -> dict:
         return {
             "scenario": "federated",

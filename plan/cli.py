@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from plan import export
 from plan.callbacks.predictions import PredictionWriter
+from plan.callbacks.progress import StageProgressBar
 from plan.checkpoints import (
     EXECUTION_ONLY,
     AtomicCheckpointIO,
@@ -120,10 +121,12 @@ class PlanCLI(LightningCLI):
     # -- the trainer: atomic checkpoints, the settings record ----------------------------------------------
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.get("enable_progress_bar") is not False:  # a bar that names the task or round
+            self.trainer_defaults: dict[str, Any] = {**self.trainer_defaults, "callbacks": [StageProgressBar()]}
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own plugin stays
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        config = self.config[self.subcommand] if self.subcommand else self.config
         trainer.callbacks.append(RunSettings(run_settings(config.as_dict()), settings_source(config.as_dict())))
         if self.subcommand == "predict":
             trainer.callbacks.append(PredictionWriter(config.predictions or default_predictions_path(config)))
