@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -44,6 +45,16 @@ TRAINER_DEFAULTS = {
 }
 
 
+PLAN_CLASSES = (
+    "plan's classes: model plan.module.ContinualClassifier; data plan.datamodules.TaskSequenceDataModule or "
+    "plan.datamodules.FederatedDataModule, with source plan.datamodules.TwentyNewsgroups, HuggingFaceSource or "
+    "SyntheticSource; callbacks plan.callbacks.TaskSequencer, ForgettingLogger, OLoRA, InfLoRA, "
+    "GradientProjection, PLAN, ProgressiveActivation, FederatedRounds; aggregation rules (FederatedRounds) "
+    "fedit, ffa_lora, lora_fair, flexlora, flora. One class's arguments: --model.help CLASS, --data.help CLASS, "
+    "--trainer.callbacks.help CLASS (e.g. --trainer.callbacks.help plan.callbacks.PLAN)."
+)
+
+
 class PlanCLI(LightningCLI):
     """LightningCLI plus checkpoints a run can trust.
 
@@ -53,7 +64,12 @@ class PlanCLI(LightningCLI):
     * ``fit`` refuses to write into a folder that holds another run's checkpoints, and ``fit --ckpt_path``
       refuses settings that differ from the checkpoint's, listing each, unless ``--resume_settings
       checkpoint`` takes the checkpoint's values. A resumed run logs into the TensorBoard run it continues.
+    * ``--callback NAME.KEY=VALUE`` sets one argument of a configured callback; a relative logger
+      ``save_dir`` follows ``--trainer.default_root_dir``; the progress bar names the task or round;
+      ``predict`` writes a CSV (:class:`plan.callbacks.PredictionWriter`).
     """
+
+    config: Namespace  # the parsed settings, re-parsed after --callback and --resume_settings
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -76,6 +92,14 @@ class PlanCLI(LightningCLI):
             "(list the differences and stop) or checkpoint (run with the checkpoint's values, listing them)",
         )
         parser.add_argument(
+            "--callback",
+            type=list[str],
+            default=[],
+            help="NAME.KEY=VALUE items: set an argument of the configured callback of class NAME, e.g. "
+            "--callback '[PLAN.perturbation=none, TaskSequencer.adapters=shared]', or one at a time with "
+            "--callback+=PLAN.perturbation=none",
+        )
+        parser.add_argument(
             "--predictions",
             type=str | None,
             default=None,
@@ -91,9 +115,11 @@ class PlanCLI(LightningCLI):
         traceback)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        if not subcommand or not self.config[subcommand].get("ckpt_path"):
+        self._override_callbacks(subcommand)
+        config = self.config[subcommand] if subcommand else self.config
+        under_root_dir(config)
+        if not subcommand or not config.get("ckpt_path"):
             return
-        config = self.config[subcommand]
         checkpoint = read_checkpoint(Path(config.ckpt_path))
         if subcommand != "fit":
             return
@@ -103,6 +129,25 @@ class PlanCLI(LightningCLI):
         else:
             self._match_settings(config, stored)
         continue_log_version(config, Path(config.ckpt_path))
+
+    def _override_callbacks(self, subcommand: str | None) -> None:
+        """Apply ``--callback NAME.KEY=VALUE``: set an argument of the configured callback whose class is NAME
+        (jsonargparse itself only reaches the last callback of the list)."""
+        config = self.config[subcommand] if subcommand else self.config
+        if not config.get("callback"):
+            return
+        callbacks = config.trainer.as_dict().get("callbacks") or []
+        names = [str(cb.get("class_path", "")).rsplit(".", 1)[-1] for cb in callbacks]
+        for item in config.callback:
+            name, _, assignment = item.partition(".")
+            key, equals, value = assignment.partition("=")
+            if not (key and equals):
+                raise ConfigError(f"--callback takes NAME.KEY=VALUE (e.g. PLAN.perturbation=none), got {item!r}")
+            if name not in names:
+                raise ConfigError(f"--callback {item}: no callback {name!r} in trainer.callbacks; they are {names}")
+            callbacks[names.index(name)].setdefault("init_args", {})[key] = yaml.safe_load(value)
+        trainer = {"trainer": {"callbacks": callbacks}, "callback": []}
+        self.config = self.parser.parse_object({subcommand: trainer} if subcommand else trainer, self.config)
 
     def _match_settings(self, config: Namespace, stored: dict) -> None:
         diff = settings_diff(stored["settings"], run_settings(config.as_dict()))
@@ -114,7 +159,7 @@ class PlanCLI(LightningCLI):
                 "Resume with the checkpoint's settings, or pass --resume_settings checkpoint to take its values."
             )
         rank_zero_warn(f"--resume_settings checkpoint: running with the checkpoint's values for\n{format_diff(diff)}")
-        self.config: Namespace = self.parser.parse_object(
+        self.config = self.parser.parse_object(
             {"fit": checkpoint_settings(config.as_dict(), stored["config"])}, self.config
         )
 
@@ -154,6 +199,17 @@ class PlanCLI(LightningCLI):
         folder = checkpoint_folder(self.trainer)
         logs = f"logs {logger.log_dir}" if logger is not None and getattr(logger, "log_dir", None) else "no logger"
         rank_zero_info(f"plan: {what}: {logs}; checkpoints {folder if folder else 'off'}")
+
+
+def under_root_dir(config: Namespace) -> None:
+    """Make a relative logger ``save_dir`` (the shipped configs' ``runs``) relative to
+    ``trainer.default_root_dir`` when one is given, so that every output of a run follows it."""
+    root, logger = config.trainer.get("default_root_dir"), config.trainer.get("logger")
+    if not root or not isinstance(logger, Namespace) or not isinstance(logger.get("init_args"), Namespace):
+        return
+    save_dir = logger.init_args.get("save_dir")
+    if save_dir and not Path(save_dir).is_absolute():
+        logger.init_args.save_dir = str(Path(root) / save_dir)
 
 
 def default_predictions_path(config: Namespace) -> str:
@@ -223,6 +279,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> PlanCLI:
         subclass_mode_data=True,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={command: {"epilog": PLAN_CLASSES} for command in ("fit", "validate", "test", "predict")},
         args=args,
         run=run,
     )

@@ -130,7 +130,9 @@ def test_bf16_mixed_runs_and_learns(tiny):
 
 
 def test_ddp_two_processes_match_single_process(tiny):
-    """DDP on 2 CPU processes (gloo) sees the same global batches and ends with the same accuracy matrix."""
+    """With every dropout at 0, DDP on 2 CPU processes (gloo) sees the same global batches as one process and
+    ends with the same adapters and head up to float32 rounding of the gradient all-reduce (measured 1.1e-6
+    against values up to 0.24), hence the same accuracy matrix up to a rare flipped prediction."""
     fit(tiny.config("single"))
     config = tiny.config("ddp", trainer__strategy="ddp", trainer__devices=2)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -143,6 +145,9 @@ def test_ddp_two_processes_match_single_process(tiny):
     lower = ~torch.isnan(single)
     assert torch.equal(lower, ~torch.isnan(ddp))
     assert (single[lower] - ddp[lower]).abs().max() <= 1 / 16 + 1e-9, f"single {single}\nddp {ddp}"
+    one, two = tiny.last("single")["state_dict"], tiny.last("ddp")["state_dict"]
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=key)
 
 
 def test_print_config_shows_the_scenario(capsys):
