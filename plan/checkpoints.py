@@ -25,10 +25,6 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from plan.errors import ConfigError
-from plan.lora import LoRAConfig
-
-# What a checkpoint may hold besides tensors and containers, for ``torch.load(weights_only=True)``.
-torch.serialization.add_safe_globals([LoRAConfig])
 
 CHECKPOINT_KEYS = ("state_dict", "callbacks", "loops")  # what Lightning's training checkpoints always hold
 

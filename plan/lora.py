@@ -60,6 +60,10 @@ class LoRAConfig:
         return self.alpha / self.rank
 
 
+# Checkpoints hold the LoRAConfig among the model's hyperparameters: allow it under torch.load(weights_only=True).
+torch.serialization.add_safe_globals([LoRAConfig])
+
+
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a frozen stack of past adapters and one trainable low-rank slot."""
 

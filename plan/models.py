@@ -8,7 +8,7 @@ how the tests exercise BERT and ViT layouts without downloads.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
@@ -40,7 +40,18 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_backbone(name_or_path: str | nn.Module = EMBEDDED_MINILM, config: dict[str, Any] | None = None) -> nn.Module:
+@runtime_checkable
+class Encoder(Protocol):
+    """A backbone given as an object rather than a name: called with the batch's inputs, it returns an output
+    with ``last_hidden_state``, and ``config.hidden_size`` gives its width. (A protocol, not ``nn.Module``, so
+    that the command's help does not list every torch module as a possible backbone.)"""
+
+    config: Any
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def load_backbone(name_or_path: str | Encoder = EMBEDDED_MINILM, config: dict[str, Any] | None = None) -> nn.Module:
     """The encoder without a task head: pretrained weights from ``name_or_path``, or random ones from ``config``.
 
     An ``nn.Module`` is used as it is: any encoder whose output has ``last_hidden_state`` and whose
@@ -53,6 +64,10 @@ def load_backbone(name_or_path: str | nn.Module = EMBEDDED_MINILM, config: dict[
 
     if isinstance(name_or_path, nn.Module):
         return name_or_path
+    if not isinstance(name_or_path, str):
+        raise ConfigError(
+            f"model.backbone must be a model name or path, or an nn.Module encoder; got {type(name_or_path).__name__}"
+        )
     if config is not None:
         fields = dict(config)
         model_type = fields.pop("model_type", None)

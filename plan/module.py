@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from plan.datamodules.continual import TAGS, TaskLayout
 from plan.errors import ConfigError, require
 from plan.lora import LoRAConfig, LoRALinear, inject_lora, uniform_from_cpu_
-from plan.models import EMBEDDED_MINILM, check_vocabulary, hidden_size, load_backbone
+from plan.models import EMBEDDED_MINILM, Encoder, check_vocabulary, hidden_size, load_backbone
 
 LORA_KEYS = ("lora_A", "lora_B", "past_A", "past_B")
 NON_INPUT_KEYS = ("labels", *TAGS)  # batch entries that are not model inputs
@@ -42,7 +42,7 @@ class ContinualClassifier(pl.LightningModule):
 
     def __init__(
         self,
-        backbone: str | nn.Module = EMBEDDED_MINILM,
+        backbone: str | Encoder = EMBEDDED_MINILM,
         backbone_config: dict | None = None,
         lora: LoRAConfig | None = None,
         pooling: str = "auto",

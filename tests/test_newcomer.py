@@ -15,6 +15,10 @@ from plan.errors import ConfigError
 
 def test_fit_help_lists_plans_classes(capsys) -> None:
     with pytest.raises(SystemExit):
+        run_cli(["fit", "--model.help", "plan.module.ContinualClassifier"])
+    model_help = capsys.readouterr().out
+    assert "--model.backbone" in model_help and "torch.nn.Linear" not in model_help  # not every torch module
+    with pytest.raises(SystemExit):
         run_cli(["fit", "--help"])
     printed = " ".join(capsys.readouterr().out.split())
     for name in (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def test_load_from_checkpoint_needs_no_datamodule_and_predicts_like_the_run(tiny
     batch = next(iter(cli.datamodule.task_eval_loaders(1)[0]))
     loaded.eval(), cli.model.eval()
     torch.testing.assert_close(loaded(batch), cli.model(batch), rtol=0, atol=0)
+    # a fresh process that imports only the module loads it too (torch.load with weights_only=True)
+    code = f"from plan.module import ContinualClassifier; ContinualClassifier.load_from_checkpoint({str(tiny.checkpoints() / 'last.ckpt')!r})"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
 
 
 def test_test_on_a_mid_sequence_checkpoint_evaluates_the_tasks_it_trained(tiny) -> None:
