@@ -484,7 +484,9 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
         self.tokenizer, self.pad_id = tokenizer_for(train, self.tokenizer_name, self.max_length)
         self._splits = {"train": self._encode(train, self.tokenizer), "test": self._encode(test, self.tokenizer)}
         if self.val_fraction:
-            self._splits["train"], self._splits["val"] = hold_out(*self._splits["train"], self.val_fraction, self.seed)
+            dataset, task_indices = self._splits["train"]
+            train_ids, val_ids = hold_out(task_indices, self.val_fraction, self.seed)
+            self._splits["train"], self._splits["val"] = (dataset, train_ids), (dataset, val_ids)
         layout, (_, test_tasks) = self.layout, self._splits["test"]
         untested = [
             f"task {t} ({layout.task_names[t]}: classes {[layout.class_names[c] for c in layout.task_classes[t]]})"
@@ -603,18 +605,17 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
             )
 
 
-def hold_out(
-    dataset: EncodedExamples, task_indices: list[list[int]], fraction: float, seed: int
-) -> tuple[tuple[EncodedExamples, list[list[int]]], tuple[EncodedExamples, list[list[int]]]]:
-    """Split every task's examples into (training, validation): a seeded ``fraction`` of each task (at least
-    one example, at least one left to train on) goes to validation."""
-    train, val = [], []
+def hold_out(task_indices: list[list[int]], fraction: float, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Split every group of example indices (a task's) into (training, validation): a seeded ``fraction`` of
+    each group (at least one example, at least one left to train on) goes to validation."""
+    train: list[list[int]] = []
+    val: list[list[int]] = []
     for task, indices in enumerate(task_indices):
         order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed * 7919 + task + 104729))
         count = min(max(1, round(fraction * len(indices))), len(indices) - 1)
         val.append(sorted(indices[i] for i in order[:count].tolist()))
         train.append(sorted(indices[i] for i in order[count:].tolist()))
-    return (dataset, train), (dataset, val)
+    return train, val
 
 
 def collate(items: list[dict], pad_id: int = 0) -> dict[str, Tensor]:

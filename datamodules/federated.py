@@ -31,6 +31,7 @@ from plan.datamodules.continual import (
     collate,
     encode_examples,
     eval_shard,
+    hold_out,
     load_splits,
     tokenizer_for,
     tokenizer_name_for,
@@ -135,6 +136,8 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
         batch_size: a client's local batch size (never split across ranks).
         seed: seeds the partition, the per-round client sample and every client's data order.
         tokenizer, max_length: how text is encoded.
+        val_fraction: hold out this seeded share of the training split, before the partition, as the server's
+            validation set (validation, and ``fed/acc``, read it; ``plan test`` reads the test split).
         predict_split, predict_file: what ``plan predict`` predicts for (see TaskSequenceDataModule).
     """
 
@@ -157,6 +160,7 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
         tokenizer: str | None = None,
         max_length: int = 128,
         num_workers: int = 0,
+        val_fraction: float = 0.0,
         predict_split: str = "test",
         predict_file: str | None = None,
     ) -> None:
@@ -190,6 +194,8 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
         self.seed = seed
         self.tokenizer_name, self.max_length, self.num_workers = tokenizer, max_length, num_workers
         self.predict_split, self.predict_file = predict_split, predict_file
+        require(0.0 <= val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.val_fraction = val_fraction
         self.tokenizer: Any = None  # set at setup: the tokenizer of tokenizer_name (None for images)
         self.joint = True  # the module trains and evaluates on every class at once
         self.layout: TaskLayout | None = None
@@ -197,6 +203,7 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
         self.pad_id = 0
         self._train: EncodedExamples | None = None
         self._test: EncodedExamples | None = None
+        self._val: EncodedExamples | None = None  # the validation split: held out of training, or the test split
 
     # -- the federation -----------------------------------------------------------------------------------
 
@@ -261,6 +268,10 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
         classes = sorted(set(train.labels))
         class_id = {name: i for i, name in enumerate(classes)}
         self.layout = TaskLayout("federated", classes, [list(range(len(classes)))], ["global"])
+        held = None
+        if self.val_fraction:  # the server's own validation set, held out before the clients get their data
+            (kept,), (held,) = hold_out([list(range(len(train)))], self.val_fraction, self.seed)
+            train, held = train.subset(kept), train.subset(held)
         self.client_indices = partition(
             self.partition,
             [class_id[label] for label in train.labels],
@@ -275,6 +286,7 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
         self.tokenizer, self.pad_id = tokenizer_for(train, self.tokenizer_name, self.max_length)
         self._train = encode_examples(train, class_id, self.tokenizer, self.max_length)
         self._test = encode_examples(test, class_id, self.tokenizer, self.max_length)
+        self._val = self._test if held is None else encode_examples(held, class_id, self.tokenizer, self.max_length)
 
     def train_dataloader(self) -> DataLoader:
         round_index = self.trainer.current_epoch if self.trainer else 0
@@ -303,22 +315,22 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader()]
+        return [self._eval_loader(self._val)]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader()]
+        return [self._eval_loader(self._test)]
 
     def predict_dataloader(self) -> DataLoader:
         split = self._train if self.predict_split == "train" else self._test
         return self._prediction_loader(split if self.predict_file is None else None)
 
-    def _eval_loader(self) -> DataLoader:
+    def _eval_loader(self, examples: EncodedExamples) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sampler = ShardedBatchSampler(
-            eval_shard(list(range(len(self._test))), rank, world), self.eval_batch_size, 0, shuffle=False
+            eval_shard(list(range(len(examples))), rank, world), self.eval_batch_size, 0, shuffle=False
         )
         return DataLoader(
-            self._test,
+            examples,
             batch_sampler=sampler,
             collate_fn=partial(collate, pad_id=self.pad_id),
             num_workers=self.num_workers,

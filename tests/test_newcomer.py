@@ -105,3 +105,13 @@ def test_a_held_out_validation_split_feeds_the_matrix_and_test_keeps_the_test_sp
     test = run_cli(["test", "--config", str(config), "--ckpt_path", str(tiny.checkpoints() / "last.ckpt")])
     assert sum(len(loader.batch_sampler.indices) for loader in test.trainer.test_dataloaders) == 48
     assert not torch.isnan(tiny.matrix().tril()).all()
+
+
+def test_a_federation_holds_out_the_servers_validation_set_before_partitioning(tiny_fed) -> None:
+    """val_fraction=0.25 of the 96 training examples (24) never reach a client; validation reads them."""
+    cli = run_cli(["--config", str(tiny_fed.config(data__init_args__val_fraction=0.25))], run=False)
+    data = cli.datamodule
+    data.setup("fit")
+    assert sum(data.client_sizes) == 72 and len(data._val) == 24 and len(data._test) == 48
+    (val,), (test,) = data.val_dataloader(), data.test_dataloader()
+    assert val.dataset is data._val and test.dataset is data._test
