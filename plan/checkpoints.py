@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import zipfile
@@ -63,9 +64,9 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.close(folder)
 
 
-def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a training checkpoint with ``weights_only=True``; any file that is not one raises a ConfigError
-    that names it and says what is wrong."""
+def read_checkpoint(path: Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load a training checkpoint with ``weights_only=True`` (``mmap``: tensors stay on disk until read, for a
+    look at its settings); any file that is not one raises a ConfigError that names it and what is wrong."""
     if not path.is_file():
         raise ConfigError(f"ckpt_path: checkpoint '{path}' does not exist")
     if path.stat().st_size == 0:
@@ -74,7 +75,7 @@ def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
             "resume from another checkpoint of the run (task-epoch=N.ckpt)"
         )
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
@@ -109,22 +110,51 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return flat if flat or not prefix else {prefix: {}}
 
 
-def run_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """The flattened settings of a ``fit`` config (as a plain dict) that determine the training: the seed, the
-    model, the data, and each of plan's callbacks with its arguments (other callbacks, the trainer's devices,
-    loggers and ``max_epochs`` may change between a run and its resumption)."""
+def is_plan_callback(callback: Any) -> bool:
+    """A callback entry of the config (a dict with ``class_path``) that is one of plan's: a method or driver."""
+    return isinstance(callback, dict) and str(callback.get("class_path", "")).startswith("plan.")
+
+
+def settings_source(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a ``fit`` config (as a plain dict) that determine the training: the seed, the model, the
+    data and plan's callbacks (other callbacks, the trainer's devices, loggers and ``max_epochs`` may change
+    between a run and its resumption). A checkpoint keeps them to compare and, if asked, restore them."""
     callbacks = (config.get("trainer") or {}).get("callbacks") or []
-    methods = {
-        cb["class_path"]: cb.get("init_args") or {}
-        for cb in callbacks
-        if isinstance(cb, dict) and str(cb.get("class_path", "")).startswith("plan.")
+    return {
+        "seed_everything": config.get("seed_everything"),
+        "model": config.get("model"),
+        "data": config.get("data"),
+        "callbacks": [cb for cb in callbacks if is_plan_callback(cb)],
     }
-    settings = flatten({"seed_everything": config.get("seed_everything"), "model": config.get("model")})
-    settings.update(flatten(config.get("data"), "data"))
-    for class_path, arguments in methods.items():
-        settings[f"callback {class_path}"] = "present"
-        settings.update(flatten(arguments, f"callback {class_path}"))
+
+
+def run_settings(source: dict[str, Any]) -> dict[str, Any]:
+    """:func:`settings_source`'s parts as flat ``key: value`` settings, without the execution-only ones."""
+    settings = flatten({key: source[key] for key in ("seed_everything", "model", "data")})
+    for callback in source["callbacks"]:
+        name = f"callback {callback['class_path']}"
+        settings[name] = "present"
+        settings.update(flatten(callback.get("init_args") or {}, name))
     return {key: value for key, value in settings.items() if key not in EXECUTION_ONLY}
+
+
+def checkpoint_settings(config: dict[str, Any], stored: dict[str, Any]) -> dict[str, Any]:
+    """The fit config with the model, data, seed and plan callbacks of a checkpoint's ``stored`` source, keeping
+    the requested values of what may differ on resume (other callbacks, the execution-only data settings)."""
+    data = copy.deepcopy(stored["data"])
+    for key in EXECUTION_ONLY:
+        *path, leaf = key.split(".")[1:]
+        requested, target = config["data"], data
+        for part in path:
+            requested, target = requested[part], target[part]
+        target[leaf] = requested[leaf]
+    others = [cb for cb in config["trainer"].get("callbacks") or [] if not is_plan_callback(cb)]
+    return {
+        "seed_everything": stored["seed_everything"],
+        "model": stored["model"],
+        "data": data,
+        "trainer": {"callbacks": others + stored["callbacks"]},
+    }
 
 
 MISSING = "(not set)"
@@ -191,14 +221,14 @@ class MidTaskCheckpoint(ModelCheckpoint):
 
 
 class RunSettings(Callback):
-    """Stores the run's settings in every checkpoint, for the comparison ``plan fit --ckpt_path`` makes before
-    it resumes: ``settings`` is :func:`run_settings` of the config, ``config`` the parts it was taken from."""
+    """Stores the run's :func:`settings_source` in every checkpoint, for the comparison ``plan fit
+    --ckpt_path`` makes before it resumes."""
 
-    def __init__(self, settings: dict[str, Any], config: dict[str, Any]) -> None:
-        self.settings, self.config = settings, config
+    def __init__(self, source: dict[str, Any]) -> None:
+        self.source = source
 
     def state_dict(self) -> dict[str, Any]:
-        return {"settings": self.settings, "config": self.config}
+        return {"source": self.source}
 
 
 def checkpoint_folder(trainer: pl.Trainer) -> Path | None:

@@ -8,7 +8,6 @@ so ``--ckpt_path`` resumes at the next task.
 
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -25,15 +24,16 @@ from plan import export
 from plan.callbacks.predictions import PredictionWriter
 from plan.callbacks.progress import StageProgressBar
 from plan.checkpoints import (
-    EXECUTION_ONLY,
     AtomicCheckpointIO,
     MidTaskCheckpoint,
     RunSettings,
     checkpoint_folder,
+    checkpoint_settings,
     format_diff,
     read_checkpoint,
     run_settings,
     settings_diff,
+    settings_source,
 )
 from plan.errors import ConfigError
 
@@ -120,14 +120,14 @@ class PlanCLI(LightningCLI):
         under_root_dir(config)
         if not subcommand or not config.get("ckpt_path"):
             return
-        checkpoint = read_checkpoint(Path(config.ckpt_path))
+        checkpoint = read_checkpoint(Path(config.ckpt_path), mmap=True)
         if subcommand != "fit":
             return
         stored = checkpoint["callbacks"].get(RunSettings.__qualname__)
         if stored is None:
             rank_zero_warn(f"{config.ckpt_path} holds no record of its run's settings; they are not compared")
         else:
-            self._match_settings(config, stored)
+            self._match_settings(config, stored["source"])
         continue_log_version(config, Path(config.ckpt_path))
 
     def _override_callbacks(self, subcommand: str | None) -> None:
@@ -150,7 +150,7 @@ class PlanCLI(LightningCLI):
         self.config = self.parser.parse_object({subcommand: trainer} if subcommand else trainer, self.config)
 
     def _match_settings(self, config: Namespace, stored: dict) -> None:
-        diff = settings_diff(stored["settings"], run_settings(config.as_dict()))
+        diff = settings_diff(run_settings(stored), run_settings(settings_source(config.as_dict())))
         if not diff:
             return
         if config.resume_settings == "refuse":
@@ -159,9 +159,7 @@ class PlanCLI(LightningCLI):
                 "Resume with the checkpoint's settings, or pass --resume_settings checkpoint to take its values."
             )
         rank_zero_warn(f"--resume_settings checkpoint: running with the checkpoint's values for\n{format_diff(diff)}")
-        self.config = self.parser.parse_object(
-            {"fit": checkpoint_settings(config.as_dict(), stored["config"])}, self.config
-        )
+        self.config = self.parser.parse_object({"fit": checkpoint_settings(config.as_dict(), stored)}, self.config)
 
     # -- the trainer: atomic checkpoints, the settings record ----------------------------------------------
 
@@ -172,7 +170,7 @@ class PlanCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own plugin stays
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        trainer.callbacks.append(RunSettings(run_settings(config.as_dict()), settings_source(config.as_dict())))
+        trainer.callbacks.append(RunSettings(settings_source(config.as_dict())))
         if self.subcommand == "predict":
             trainer.callbacks.append(PredictionWriter(config.predictions or default_predictions_path(config)))
         return trainer
@@ -233,40 +231,6 @@ def continue_log_version(config: Namespace, ckpt_path: Path) -> None:
     run = ckpt_path.resolve().parent.parent
     if run.parent == (Path(arguments.save_dir) / str(arguments.get("name") or "")).resolve():
         arguments.version = run.name
-
-
-def settings_source(config: dict) -> dict:
-    """The parts of a fit config that :func:`run_settings` reads, kept to restore them on resume."""
-    callbacks = (config.get("trainer") or {}).get("callbacks") or []
-    plan_callbacks = [
-        cb for cb in callbacks if isinstance(cb, dict) and str(cb.get("class_path", "")).startswith("plan.")
-    ]
-    return {
-        "seed_everything": config.get("seed_everything"),
-        "model": config.get("model"),
-        "data": config.get("data"),
-        "callbacks": plan_callbacks,
-    }
-
-
-def checkpoint_settings(config: dict, stored: dict) -> dict:
-    """The fit config's model, data, seed and plan callbacks as the checkpoint had them, keeping the requested
-    values of what may differ on resume (other callbacks, data loading workers, evaluation batch size)."""
-    data = copy.deepcopy(stored["data"])
-    for key in EXECUTION_ONLY:
-        *path, leaf = key.split(".")[1:]
-        requested, target = config["data"], data
-        for part in path:
-            requested, target = requested[part], target[part]
-        target[leaf] = requested[leaf]
-    callbacks = config["trainer"].get("callbacks") or []
-    others = [cb for cb in callbacks if not str(cb.get("class_path", "")).startswith("plan.")]
-    return {
-        "seed_everything": stored["seed_everything"],
-        "model": stored["model"],
-        "data": data,
-        "trainer": {"callbacks": others + stored["callbacks"]},
-    }
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> PlanCLI:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from plan import cli
-from plan.checkpoints import atomic_save, read_checkpoint, run_settings, settings_diff
+from plan.checkpoints import atomic_save, read_checkpoint, run_settings, settings_diff, settings_source
 from plan.errors import ConfigError
 
 
@@ -79,28 +79,32 @@ def test_a_bad_checkpoint_file_gets_one_clear_message(tiny, monkeypatch, capsys,
 
 def test_settings_diff_lists_every_changed_added_and_removed_setting() -> None:
     stored = run_settings(
-        {
-            "seed_everything": 0,
-            "model": {"class_path": "M", "init_args": {"lr": 0.01, "lora": {"rank": 4}}},
-            "data": {"init_args": {"batch_size": 8, "num_workers": 0}},
-            "trainer": {
-                "callbacks": [{"class_path": "plan.callbacks.TaskSequencer", "init_args": {"adapters": "stacked"}}]
-            },
-        }
+        settings_source(
+            {
+                "seed_everything": 0,
+                "model": {"class_path": "M", "init_args": {"lr": 0.01, "lora": {"rank": 4}}},
+                "data": {"init_args": {"batch_size": 8, "num_workers": 0}},
+                "trainer": {
+                    "callbacks": [{"class_path": "plan.callbacks.TaskSequencer", "init_args": {"adapters": "stacked"}}]
+                },
+            }
+        )
     )
     requested = run_settings(
-        {
-            "seed_everything": 0,
-            "model": {"class_path": "M", "init_args": {"lr": 0.02, "lora": {"rank": 4}}},
-            "data": {"init_args": {"batch_size": 8, "num_workers": 4}},  # loading workers may change
-            "trainer": {
-                "callbacks": [
-                    {"class_path": "plan.callbacks.TaskSequencer", "init_args": {"adapters": "stacked"}},
-                    {"class_path": "plan.callbacks.InfLoRA", "init_args": {"a_scale": 0.5}},
-                    {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},  # not a method: may change
-                ]
-            },
-        }
+        settings_source(
+            {
+                "seed_everything": 0,
+                "model": {"class_path": "M", "init_args": {"lr": 0.02, "lora": {"rank": 4}}},
+                "data": {"init_args": {"batch_size": 8, "num_workers": 4}},  # loading workers may change
+                "trainer": {
+                    "callbacks": [
+                        {"class_path": "plan.callbacks.TaskSequencer", "init_args": {"adapters": "stacked"}},
+                        {"class_path": "plan.callbacks.InfLoRA", "init_args": {"a_scale": 0.5}},
+                        {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},  # not a method: may change
+                    ]
+                },
+            }
+        )
     )
     assert settings_diff(stored, requested) == [
         ("callback plan.callbacks.InfLoRA", "(not set)", "present"),
