@@ -33,8 +33,8 @@ class ProgressiveActivation(TaskCallback):
     """Each training step keeps a block's trainable slots active with probability ``p``, rising linearly from
     ``start`` to 1 over the first ``ramp`` share of each task's steps; at least one block stays active.
     Inactive slots add nothing to the forward pass (frozen past adapters always do). Draws come from a
-    generator seeded per step (task, batch), so the rest of training sees the same random numbers as without CoTo, and
-    ``start=1`` is exactly plain training. Works with any adapter mode and beside any other method. ``seed``
+    generator seeded per step (task, batch), so the rest of training sees the same random numbers as without
+    CoTo, ``start=1`` is exactly plain training, and a run resumed mid-task draws what it would have drawn. Works with any adapter mode and beside any other method. ``seed``
     defaults to the run's ``seed_everything`` value.
     """
 

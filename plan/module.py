@@ -99,7 +99,7 @@ class ContinualClassifier(pl.LightningModule):
         if self.layout is None:
             datamodule = self.trainer.datamodule
             if datamodule is None or not hasattr(datamodule, "layout"):
-                raise ValueError(
+                raise ConfigError(
                     "ContinualClassifier needs a task-sequence datamodule (plan.datamodules.TaskSequenceDataModule)"
                 )
             datamodule.setup(stage)
@@ -150,6 +150,10 @@ class ContinualClassifier(pl.LightningModule):
         """Classes ranked when evaluating ``task`` after ``seen`` tasks have been trained."""
         if self.layout.scenario == "task_incremental":
             return self._class_mask(self.layout.task_classes[task])
+        return self.seen_mask(seen)
+
+    def seen_mask(self, seen: int) -> Tensor:
+        """Every class of the first ``seen`` tasks."""
         return self._class_mask([c for t in range(seen) for c in self.layout.task_classes[t]])
 
     # -- forward and steps --------------------------------------------------------------------------------
@@ -187,9 +191,7 @@ class ContinualClassifier(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, list]:
         """The most probable class among those the model has been trained on so far, and its probability."""
-        seen = self._tasks_seen()
-        classes = self._class_mask([c for t in range(seen) for c in self.layout.task_classes[t]])
-        probabilities = self(batch).masked_fill(~classes, float("-inf")).softmax(-1)
+        probabilities = self(batch).masked_fill(~self.seen_mask(self._tasks_seen()), float("-inf")).softmax(-1)
         score, predicted = probabilities.max(-1)
         names = self.layout.class_names
         return {
