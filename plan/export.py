@@ -3,7 +3,7 @@
 ``plan export --ckpt_path C --output D`` (or :func:`export_checkpoint`) writes to ``D``:
 
 * ``adapter_config.json`` and ``adapter_model.safetensors``: every LoRA layer's frozen stack and slot as one
-  PEFT LoRA adapter; ``PeftModel.from_pretrained(AutoModel.from_pretrained(base), D)`` reproduces the
+  PEFT LoRA adapter (:func:`plan.lora.export_peft`); ``PeftModel.from_pretrained(AutoModel.from_pretrained(base), D)`` reproduces the
   adapted backbone, with ``base`` the ``base_model_name_or_path`` the config names;
 * ``head.safetensors``: the classification head (``weight``, ``bias``) over ``labels.json``'s classes;
 * ``labels.json``: the class names in head order, the classes of each task, the scenario, how the features
@@ -21,7 +21,6 @@ from safetensors.torch import save_file
 
 from plan.errors import ConfigError
 from plan.lora import export_peft
-from plan.models import resolve_model_path
 
 
 def export_checkpoint(ckpt_path: str | Path, directory: str | Path) -> Path:
@@ -38,7 +37,7 @@ def export_checkpoint(ckpt_path: str | Path, directory: str | Path) -> Path:
         )
     module = ContinualClassifier.load_from_checkpoint(ckpt_path, map_location="cpu")
     directory = Path(directory)
-    export_peft(module.backbone, directory, base_model_name_or_path=resolve_model_path(hparams["backbone"]))
+    export_peft(module, directory)
     save_file(
         {name: p.detach().contiguous() for name, p in module.head.named_parameters()},
         str(directory / "head.safetensors"),

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from plan.errors import ConfigError, require
 from plan.kernels import KERNELS, check_kernel, stacked_lora_linear
+from plan.models import resolve_model_path
 from plan.subspace import compress_factors
 
 
@@ -292,7 +293,20 @@ def export_peft(
     Each layer's stack and slot are concatenated into one rank ``past_rank + rank`` adapter with every scale
     folded into ``B``; ``rank_pattern``/``alpha_pattern`` set alpha equal to that rank per layer so PEFT's
     scale ``alpha / r`` is 1 and ``PeftModel.from_pretrained`` reproduces this model's output.
+
+    ``model`` is the adapted base model, or a plan LightningModule, whose ``backbone`` is then exported with
+    the backbone's name or folder as ``base_model_name_or_path`` (unless given).
     """
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, nn.Module):
+        hparams = getattr(model, "hparams", {})
+        if (
+            base_model_name_or_path is None
+            and isinstance(hparams.get("backbone"), str)
+            and not hparams.get("backbone_config")
+        ):
+            base_model_name_or_path = resolve_model_path(hparams["backbone"])
+        model = backbone
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     layers = lora_layers(model)
