@@ -109,8 +109,16 @@ class FederatedRounds(Callback):
     def client_rank(self, client: int, default: int) -> int:
         return self.client_ranks[client % len(self.client_ranks)] if self.client_ranks else default
 
+    @property
+    def server_state(self) -> GlobalState:
+        """The global adapters and head: set at fit start, or by a checkpoint."""
+        if self.global_state is None:
+            raise RuntimeError("FederatedRounds has no global state before fit start or a checkpoint load")
+        return self.global_state
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.global_state is None:  # a fresh run: every client starts from one seeded init
+            assert self.seed is not None  # set at setup
             generator = torch.Generator().manual_seed(self.seed * 7 + 1)
             for layer in pl_module.lora_layers.values():
                 layer.reset_slot(generator)
@@ -151,7 +159,7 @@ class FederatedRounds(Callback):
 
     def _start_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, batch_idx: int) -> None:
         self.current_client, self.client_first_batch = client, batch_idx
-        self._load(pl_module, self.global_state)
+        self._load(pl_module, self.server_state)
         self._set_active_rank(pl_module, client)
         for optimizer in trainer.optimizers:
             optimizer.state.clear()
@@ -163,6 +171,7 @@ class FederatedRounds(Callback):
 
     def _finish_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         client = self.current_client
+        assert client is not None  # called only while a client trains
         rank = self.client_rank(client, pl_module.lora_config.rank)
         adapters = {name: (a[:rank], b[:, :rank]) for name, (a, b) in self._read_slots(pl_module).items()}
         update = ClientUpdate(client, trainer.datamodule.client_sizes[client], adapters, self._read_head(pl_module))
@@ -170,6 +179,7 @@ class FederatedRounds(Callback):
         self.current_client = None
 
     def _seed(self, round_index: int, client: int, *keys: int) -> int:
+        assert self.seed is not None  # set at setup
         return step_seed(self.seed, round_index, client, *keys)
 
     # -- the round end ------------------------------------------------------------------------------------
@@ -200,12 +210,12 @@ class FederatedRounds(Callback):
         parts = _from_every_rank((replies, dropped), trainer)  # one collective; sorted so every rank agrees
         replies = sorted((u for rank_replies, _ in parts for u in rank_replies), key=lambda u: u.client)
         dropped = {k: reason for _, rank_dropped in parts for k, reason in rank_dropped.items()}
-        kept, excluded = screen_updates(replies, self.global_state, self.norm_ratio)
+        kept, excluded = screen_updates(replies, self.server_state, self.norm_ratio)
         excluded.update(dropped)
         self.clients.update({u.client: u for u in kept})
         for client, reason in sorted(excluded.items()):
             rank_zero_warn(f"round {round_index}: client {client} excluded: {reason}")
-        start, rank = self.global_state, pl_module.lora_config.rank
+        start, rank = self.server_state, pl_module.lora_config.rank
         cosine = error = float("nan")
         if kept:
             state = self.rule.aggregate(kept, start, pl_module.lora_config.scale, rank)
@@ -317,7 +327,7 @@ class FederatedRounds(Callback):
             "rule": self.rule.name,
             "seed": self.seed,
             "rounds_closed": self.rounds_closed,
-            "global": _state_to_dict(self.global_state),
+            "global": _state_to_dict(self.server_state),
             "clients": {k: _update_to_dict(u) for k, u in self.clients.items()},
             # the round so far, for a checkpoint taken in the middle of it
             "round_updates": [_update_to_dict(u) for u in self.round_updates],

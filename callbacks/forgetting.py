@@ -37,6 +37,13 @@ class ForgettingLogger(Callback):
         self.matrix: torch.Tensor | None = None
         self.baseline: torch.Tensor | None = None
 
+    @property
+    def accuracy_matrix(self) -> torch.Tensor:
+        """``matrix``: set at setup, or by a checkpoint."""
+        if self.matrix is None:
+            raise RuntimeError("ForgettingLogger has no accuracy matrix before setup or a checkpoint load")
+        return self.matrix
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.matrix is None:
             tasks = trainer.datamodule.num_tasks
@@ -52,7 +59,7 @@ class ForgettingLogger(Callback):
             return
         row = trainer.datamodule.seen_now() - 1
         for task, accuracy in pl_module.task_accuracy.items():
-            self.matrix[row, task] = accuracy
+            self.accuracy_matrix[row, task] = accuracy
         summary = self.summary(row + 1)
         if trainer.is_global_zero:
             self._log(trainer, row, summary)
@@ -60,27 +67,28 @@ class ForgettingLogger(Callback):
     def summary(self, tasks: int | None = None) -> ContinualSummary:
         """Summaries of the block of the first ``tasks`` tasks (default: every row measured so far)."""
         if tasks is None:
-            measured = (~torch.isnan(self.matrix)).any(dim=1).nonzero()
+            measured = (~torch.isnan(self.accuracy_matrix)).any(dim=1).nonzero()
             tasks = int(measured.max()) + 1 if len(measured) else 0
         baseline = None if self.baseline is None else self.baseline[:tasks]
-        return ContinualSummary.of(self.matrix[:tasks, :tasks], baseline)
+        return ContinualSummary.of(self.accuracy_matrix[:tasks, :tasks], baseline)
 
     def _log(self, trainer: pl.Trainer, row: int, summary: ContinualSummary) -> None:
-        metrics = {f"cl/acc/task_{j}": self.matrix[row, j].item() for j in range(row + 1)}
+        matrix = self.accuracy_matrix
+        metrics = {f"cl/acc/task_{j}": matrix[row, j].item() for j in range(row + 1)}
         metrics.update({f"cl/{k}": v for k, v in summary.as_dict().items() if not math.isnan(v)})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=row + 1)
             if self.heatmap and isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure("cl/accuracy_matrix", heatmap_figure(self.matrix), global_step=row + 1)
+                logger.experiment.add_figure("cl/accuracy_matrix", heatmap_figure(matrix), global_step=row + 1)
                 logger.experiment.add_text(
-                    "cl/accuracy_matrix_table", format_matrix(self.matrix, markdown=True), global_step=row + 1
+                    "cl/accuracy_matrix_table", format_matrix(matrix, markdown=True), global_step=row + 1
                 )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         summary = self.summary()
         lines = [
             "accuracy matrix R[i, j] (row i: after training task i; column j: evaluated task)",
-            format_matrix(self.matrix),
+            format_matrix(self.accuracy_matrix),
         ]
         lines += [f"{k:>12}: {v:.4f}" if not math.isnan(v) else f"{k:>12}: n/a" for k, v in summary.as_dict().items()]
         if self.baseline is not None:

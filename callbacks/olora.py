@@ -44,7 +44,7 @@ class OLoRA(TaskCallback):
         layers = list(pl_module.lora_layers.values())
 
         def orthogonality() -> Tensor:
-            return self.lambda_orth * sum(
+            return self.lambda_orth * sum(  # type: ignore[return-value]  # typeshed: an empty sum is int 0
                 orthogonality_penalty(layer.past_A, layer.lora_A, self.form) for layer in layers
             )
 

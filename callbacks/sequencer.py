@@ -99,6 +99,7 @@ class TaskSequencer(Callback):
         task = trainer.current_epoch
         if task < self.tasks_started:  # resumed inside a task: its start already happened
             return
+        assert self.seed is not None  # set at setup
         reseed(step_seed(self.seed, task))
         rank_zero_info(f"plan: {trainer.datamodule.describe_stage(task)}")
         for optimizer in trainer.optimizers:
@@ -108,6 +109,7 @@ class TaskSequencer(Callback):
         self.tasks_started = task + 1
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        assert self.seed is not None  # set at setup
         reseed(step_seed(self.seed, trainer.current_epoch, batch_idx, STEP_STREAM))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -115,6 +117,7 @@ class TaskSequencer(Callback):
         for callback in self._task_callbacks(trainer):
             callback.on_task_end(trainer, pl_module, task)
         if self.adapters == "stacked":
+            assert self.seed is not None  # set at setup
             generator = torch.Generator().manual_seed(self.seed * 1009 + task + 1)
             for layer in pl_module.lora_layers.values():
                 layer.freeze_slot()

@@ -75,6 +75,7 @@ def class_incremental_layout(
         )
         order = sorted(classes)
         random.Random(order_seed).shuffle(order)
+        assert classes_per_task is not None  # one of the divisors
         sizes = [classes_per_task] * (len(classes) // classes_per_task)
     task_classes, start = [], 0
     for size in sizes:
@@ -286,7 +287,7 @@ class Predictions:
             require(
                 self.tokenizer is not None, "data.predict_file holds texts, but this data has no tokenizer (images)"
             )
-            encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)  # type: ignore[operator]
+            encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
             features = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
             examples = EncodedExamples(features, torch.full((len(texts),), -1))
         sampler = ShardedBatchSampler(list(range(len(examples))), self.eval_batch_size, 0, shuffle=False)
@@ -455,6 +456,7 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
     def _require_layout(self) -> TaskLayout:
         if self.layout is None:
             self.setup("fit")
+        assert self.layout is not None  # setup sets it
         return self.layout
 
     # -- Lightning hooks ----------------------------------------------------------------------------------
@@ -501,7 +503,7 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
 
     def _encode(self, examples: Examples, tokenizer) -> tuple[EncodedExamples, list[list[int]]]:
         """Encode the examples of the layout's classes and list each task's example indices."""
-        layout = self.layout
+        layout = self._require_layout()
         class_id = {name: i for i, name in enumerate(layout.class_names)}
         task_of_class = {c: t for t, classes in enumerate(layout.task_classes) for c in classes}
         task_of_domain = {d: t for t, d in enumerate(layout.task_names)}
@@ -516,7 +518,7 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
             if task is not None:
                 keep.append(i)
                 task_of.append(task)
-        task_indices = [[] for _ in range(layout.num_tasks)]
+        task_indices: list[list[int]] = [[] for _ in range(layout.num_tasks)]
         for i, task in enumerate(task_of):
             task_indices[task].append(i)
         return encode_examples(examples.subset(keep), class_id, tokenizer, self.max_length), task_indices
@@ -549,7 +551,7 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
         stage = self.current_stage
         indices = [i for task in task_indices for i in task] if self.joint else task_indices[stage]
         if not indices:
-            raise ValueError(f"task {stage} ({self.layout.task_names[stage]}) has no training examples")
+            raise ValueError(f"task {stage} ({self._require_layout().task_names[stage]}) has no training examples")
         return self._loader(
             "train", indices, self.batch_size, True, seed=self.seed * 7919 + stage, passes=self.passes_per_task
         )

