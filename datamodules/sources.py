@@ -303,7 +303,11 @@ class _HeldOutTestSource(_OrangeTextSource):
     ``test_fraction``, whatever the per-class caps), and ``seed`` also draws the per-class caps."""
 
     def __init__(
-        self, train_per_class: int | None, test_per_class: int | None, seed: int, test_fraction: float
+        self,
+        train_per_class: int | None = None,
+        test_per_class: int | None = None,
+        seed: int = 0,
+        test_fraction: float = 0.3,
     ) -> None:
         super().__init__(train_per_class, test_per_class, seed)
         require(
@@ -351,15 +355,6 @@ class ElectionTweets(_HeldOutTestSource):
     ``Author`` column's account names; the text is ``Content``; no tweet is empty). Retweets are kept (597 of
     Clinton's, 125 of Trump's). The file has no test split: ``test_fraction`` of each class is held out.
     """
-
-    def __init__(
-        self,
-        train_per_class: int | None = None,
-        test_per_class: int | None = None,
-        seed: int = 0,
-        test_fraction: float = 0.3,
-    ) -> None:
-        super().__init__(train_per_class, test_per_class, seed, test_fraction)
 
     def all_examples(self) -> Examples:
         return labelled_texts(self.read("election-tweets-2016.tab"), "Content", "Author")
@@ -409,15 +404,6 @@ class SlovenianComments(_HeldOutTestSource):
     'Gospodarstvo' 590, 'Drugo' 213, 'Politika' 108; no comment is empty). The file has no test split:
     ``test_fraction`` of each category is held out.
     """
-
-    def __init__(
-        self,
-        train_per_class: int | None = None,
-        test_per_class: int | None = None,
-        seed: int = 0,
-        test_fraction: float = 0.3,
-    ) -> None:
-        super().__init__(train_per_class, test_per_class, seed, test_fraction)
 
     def all_examples(self) -> Examples:
         return labelled_texts(self.read("slo-opinion-corpus.tab"), "Content", "Category")

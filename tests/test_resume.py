@@ -4,6 +4,7 @@ for continual runs with each method and for federated runs, whether the kill fal
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -16,21 +17,13 @@ import torch
 from conftest import TINY_BERT, TINY_FEDERATED_RUN, TinyRun
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-KILLER = '''
-import os, signal
-from lightning.pytorch.callbacks import Callback
-
-
-class KillAtStep(Callback):
-    """SIGKILL this process when training step ``step`` is about to start: no cleanup, no final save."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-'''
+# the SIGKILL-at-a-step callback that benchmarks/resume.py writes beside its runs, shared with these tests
+_spec = importlib.util.spec_from_file_location(
+    "resume_benchmark", Path(__file__).resolve().parent.parent / "benchmarks" / "resume.py"
+)
+_benchmark = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_benchmark)
+KILLER = _benchmark.KILLER
 
 DROPOUT = {
     "model__init_args__backbone_config": {**TINY_BERT, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1},
