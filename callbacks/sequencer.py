@@ -7,6 +7,7 @@ import os
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from plan.seeding import reseed, step_seed
@@ -85,6 +86,11 @@ class TaskSequencer(Callback):
         self.seed = run_seed(self.seed)
         if stage == "fit":
             bind_epochs_to_stages(trainer, self, "tasks_seen", "task", "plan.datamodules.TaskSequenceDataModule")
+            if isinstance(trainer.strategy, DDPStrategy):
+                # Methods freeze slot factors at task starts (InfLoRA's and PLAN's A), after DDP has registered
+                # them as trainable: DDP must look for parameters without a gradient instead of waiting for them.
+                # Set here, before the strategy wraps the model.
+                trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
 
     def _task_callbacks(self, trainer: pl.Trainer) -> list[TaskCallback]:
         return [cb for cb in trainer.callbacks if isinstance(cb, TaskCallback)]

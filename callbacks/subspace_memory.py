@@ -47,16 +47,18 @@ class SubspaceMemory(TaskCallback):
 
     @torch.no_grad()
     def input_covariances(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> dict[str, Tensor]:
-        """``E[x x^T]`` of every LoRA layer's input over ``task``'s training data (all of it, or a seeded random
-        ``max_examples`` of it), summed over ranks. Layers that read the same inputs (query and value of one
-        attention block) get one shared tensor, so what depends only on it is computed once per group."""
+        """``E[x x^T]`` of every LoRA layer's input over the tokens (padding left out) of ``task``'s training data
+        (all of it, or a seeded random ``max_examples`` of it), summed over ranks. Layers that read the same
+        inputs (query and value of one attention block) get one shared tensor, so what depends only on it is
+        computed once per group."""
         layers = pl_module.lora_layers
         stats = {name: InputCovariance(layer.in_features) for name, layer in layers.items()}
         grams: dict[int, tuple[Tensor, Tensor, int]] = {}  # this batch: id of an input -> (input, Gram, tokens)
+        padding: dict[str, Tensor | None] = {"mask": None}  # this batch's attention mask
 
         def record(stat: InputCovariance, x: Tensor) -> None:
             if id(x) not in grams:  # grams holds x, so its id stays unique until the batch ends
-                grams[id(x)] = (x, *token_gram(x))
+                grams[id(x)] = (x, *token_gram(x, padding["mask"]))
             stat.add(*grams[id(x)][1:])
 
         hooks = [
@@ -66,8 +68,10 @@ class SubspaceMemory(TaskCallback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            for batch in trainer.datamodule.task_train_loader(task, self.max_examples):
-                pl_module(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
+            for loaded in trainer.datamodule.task_train_loader(task, self.max_examples):
+                batch = pl_module.transfer_batch_to_device(loaded, pl_module.device, 0)
+                padding["mask"] = batch.get("attention_mask")
+                pl_module(batch)
                 grams.clear()
         finally:
             for hook in hooks:

@@ -13,9 +13,14 @@ import torch
 from torch import Tensor
 
 
-def token_gram(x: Tensor) -> tuple[Tensor, int]:
-    """``sum_tokens x x^T`` in float64 on the CPU, and the number of tokens it sums."""
-    flat = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)
+def token_gram(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, int]:
+    """``sum_tokens x x^T`` in float64 on the CPU, and the number of tokens it sums. ``mask`` (batch x sequence,
+    as an attention mask) leaves out padding positions, so that a statistic does not depend on how examples
+    were batched and padded (one process or several, another batch size)."""
+    x = x.detach()
+    if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
+        x = x[mask.bool()]
+    flat = x.reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)
     return flat.T @ flat, flat.shape[0]
 
 

@@ -194,3 +194,35 @@ def test_eval_on_all_tasks_measures_forward_transfer(tiny):
     expected = sum(matrix[i - 1, i] - baseline[i] for i in (1, 2)).item() / 2
     events = EventAccumulator(str(tiny.root / "run" / "tiny" / "v")).Reload()
     assert events.Scalars("cl/fwt")[-1].value == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["InfLoRA", "GradientProjection", "PLAN"])
+def test_subspace_methods_run_under_ddp_and_agree_with_one_process(tiny, method):
+    """InfLoRA and PLAN freeze the down-projection at every task start, after DDP registered it as trainable;
+    the sequencer makes DDP look for parameters without a gradient, so 2 processes train. The input statistics
+    leave padding out, so they do not depend on how a rank pads its share: InfLoRA and GPM end with one
+    process's adapters (dropout off) up to float32 rounding. PLAN's free directions are an SVD basis of a
+    degenerate subspace, which LAPACK rotates differently with another thread count: it spans the same
+    subspaces but with other vectors, so only its first task (no memory yet) is compared."""
+    init_args = {"max_examples": 16, "threshold_start": 0.8, "threshold_end": 0.8}
+    callbacks = [
+        {"class_path": "plan.callbacks.TaskSequencer", "init_args": {"adapters": "stacked"}},
+        {"class_path": "plan.callbacks.ForgettingLogger"},
+        {"class_path": f"plan.callbacks.{method}", "init_args": init_args},
+    ]
+    fit(tiny.config("single", trainer__callbacks=callbacks))
+    config = tiny.config("ddp", trainer__strategy="ddp", trainer__devices=2, trainer__callbacks=callbacks)
+    plan = shutil.which("plan") or f"{sys.executable} -m plan.cli"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [*plan.split(), "fit", "--config", str(config)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = tiny.last("single")["state_dict"], tiny.last("ddp")["state_dict"]
+    for key in one:
+        if method == "PLAN":
+            if key.endswith("past_A"):  # the first task's allocation: 4 rows of rank 4
+                torch.testing.assert_close(two[key][:4], one[key][:4], rtol=0, atol=1e-5, msg=key)
+            continue
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=key)

@@ -195,9 +195,10 @@ class CovarianceCheck(TaskCallback):
         if task:
             return
         inputs = {name: [] for name in pl_module.lora_layers}
-        hooks = [
+        batch = {}
+        hooks = [  # every real token's input, padding positions left out
             layer.register_forward_pre_hook(
-                lambda _, args, n=name: inputs[n].append(args[0].reshape(-1, args[0].shape[-1]).double())
+                lambda _, args, n=name: inputs[n].append(args[0][batch["attention_mask"].bool()].double())
             )
             for name, layer in pl_module.lora_layers.items()
         ]
