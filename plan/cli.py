@@ -8,6 +8,7 @@ so ``--ckpt_path`` resumes at the next task.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import yaml
 from jsonargparse import Namespace
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -176,6 +178,7 @@ class PlanCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
+        require_node_environment(self.trainer)
         folder = checkpoint_folder(self.trainer)
         ckpt_path = self.config.fit.get("ckpt_path")
         if folder is not None and folder.is_dir():
@@ -197,6 +200,19 @@ class PlanCLI(LightningCLI):
         folder = checkpoint_folder(self.trainer)
         logs = f"logs {logger.log_dir}" if logger is not None and getattr(logger, "log_dir", None) else "no logger"
         rank_zero_info(f"plan: {what}: {logs}; checkpoints {folder if folder else 'off'}")
+
+
+def require_node_environment(trainer: pl.Trainer) -> None:
+    """Refuse ``num_nodes > 1`` outside a cluster launcher when nothing says which node this is: every process
+    would take itself for node 0 and wait for the others forever."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    unnamed = not any(variable in os.environ for variable in ("NODE_RANK", "GROUP_RANK"))
+    if trainer.num_nodes > 1 and isinstance(environment, LightningEnvironment) and unnamed:
+        raise ConfigError(
+            f"trainer.num_nodes={trainer.num_nodes} needs every node started with MASTER_ADDR, MASTER_PORT, "
+            "WORLD_SIZE and NODE_RANK (0..num_nodes-1) set, or under SLURM or torchrun: see scripts/slurm.sbatch "
+            "and scripts/torchrun.sh"
+        )
 
 
 def under_root_dir(config: Namespace) -> None:
