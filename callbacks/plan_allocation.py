@@ -38,6 +38,7 @@ from plan.seeding import step_seed
 from plan.subspace import (
     interference_scores,
     minor_weight_directions,
+    ordered_basis,
     orthonormalize,
     project_out,
     random_orthonormal,
@@ -119,8 +120,9 @@ class PLAN(SubspaceMemory):
         return orthonormalize(torch.cat([self.memory(name, dim), *blocks], dim=1))
 
     def free_directions(self, name: str, dim: int) -> Tensor:
-        """The pool's part outside everything owned: the candidates a task may still take."""
-        return orthonormalize(project_out(self.pools[name], self.owned(name, dim)))
+        """The pool's part outside everything owned: the candidates a task may still take, orthonormalised in
+        pool order (a basis that does not turn with rounding, so one process and several pick the same)."""
+        return ordered_basis(project_out(self.pools[name], self.owned(name, dim)))
 
     @torch.no_grad()
     def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:

@@ -44,6 +44,26 @@ def orthonormalize(vectors: Tensor, tol: float = 1e-10) -> Tensor:
     return u[:, s > tol * max(s.max().item(), 1.0)]
 
 
+def ordered_basis(vectors: Tensor, tol: float = 1e-8) -> Tensor:
+    """An orthonormal basis of span(vectors' columns) built column by column in their order (Gram-Schmidt,
+    applied twice for stability), skipping columns whose remainder is below ``tol`` times the longest column.
+
+    Unlike an SVD basis, which may turn freely inside a subspace of equal singular values (rounding noise of
+    another thread count is enough), it is a continuous function of the columns, so equal inputs up to
+    rounding give equal bases up to rounding."""
+    basis: list[Tensor] = []
+    floor = tol * (vectors.norm(dim=0).max().item() if vectors.numel() else 0.0)
+    for column in vectors.T:
+        rest = column
+        for _ in range(2):
+            if basis:
+                stacked = torch.stack(basis, dim=1)
+                rest = rest - stacked @ (stacked.T @ rest)
+        if rest.norm() > floor:
+            basis.append(rest / rest.norm())
+    return torch.stack(basis, dim=1) if basis else vectors[:, :0]
+
+
 def project_out(matrix: Tensor, basis: Tensor) -> Tensor:
     """``(I - M M^T) matrix``: the part of ``matrix``'s columns orthogonal to the orthonormal columns of ``M``."""
     if basis.shape[1] == 0:

@@ -367,3 +367,20 @@ def test_every_method_resumes_to_the_same_matrix(tiny, method):
     full_state, part_state = tiny.last("full")["state_dict"], tiny.last("part")["state_dict"]
     for key in full_state:
         torch.testing.assert_close(part_state[key], full_state[key], rtol=0, atol=0, msg=key)
+
+
+def test_ordered_basis_spans_the_columns_and_does_not_turn_with_rounding():
+    """The projected pool spans a subspace whose singular values are all 1, where an SVD basis may turn freely;
+    the ordered basis spans the same subspace and moves no more than its input does."""
+    from plan.subspace import ordered_basis, orthonormalize, project_out, random_orthonormal
+
+    g = torch.Generator().manual_seed(0)
+    pool, owned = random_orthonormal(32, 32, g), random_orthonormal(32, 5, g)
+    projected = project_out(pool, owned)
+    basis = ordered_basis(projected)
+    assert basis.shape == (32, 27)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(27, dtype=torch.float64), atol=1e-12, rtol=0)
+    svd = orthonormalize(projected)
+    torch.testing.assert_close(basis @ basis.T, svd @ svd.T, atol=1e-12, rtol=0)  # the same subspace
+    nudged = ordered_basis(projected + 1e-12 * torch.randn(32, 32, generator=g, dtype=torch.float64))
+    assert (nudged - basis).abs().max() < 1e-9
