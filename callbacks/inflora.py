@@ -9,7 +9,7 @@ import torch
 
 from plan.callbacks.subspace_memory import SubspaceMemory
 from plan.errors import require
-from plan.subspace import project_out
+from plan.subspace import project_out, require_rule
 
 
 class InfLoRA(SubspaceMemory):
@@ -18,10 +18,13 @@ class InfLoRA(SubspaceMemory):
 
     ``A`` = the top-``r`` left singular vectors of ``(I - M M^T) C_t`` (``C_t`` the new task's input second
     moment, ``M`` the memory), scaled by ``a_scale`` (the official code's 1/sqrt(3)). Its rows are orthogonal
-    to span(M), so ``dW x_old = B A x_old = 0`` for inputs in the memory. After the task, the memory grows
-    (GPM energy threshold from ``threshold_start`` to ``threshold_end`` over the tasks, as the code's
-    ``lamb``/``lame``). The official code keeps a DualGPM memory that switches to storing the complement once
-    it passes half the dimension; here the memory always stores the old subspace itself.
+    to span(M), so ``dW x_old = B A x_old = 0`` for inputs in the memory. After the task, the memory grows with
+    an energy threshold from ``threshold_start`` to ``threshold_end`` over the tasks (the code's
+    ``lamb``/``lame``), by the official code's rule (``memory='inflora'``: energy = squared singular value of
+    the covariance, candidates from ``(I - M M^T) C``; see :func:`plan.subspace.expand_memory`), or by GPM's
+    rule on the covariance's eigenvalues (``memory='gpm'``, which keeps more directions). The official code
+    keeps a DualGPM memory that switches to storing the complement once it passes half the dimension; here
+    the memory always stores the old subspace itself.
 
     Use with ``TaskSequencer(adapters='stacked')``.
     """
@@ -32,8 +35,11 @@ class InfLoRA(SubspaceMemory):
         threshold_end: float = 1.0,
         a_scale: float = 1 / math.sqrt(3),
         max_examples: int | None = None,
+        memory: str = "inflora",
     ) -> None:
         super().__init__(threshold_start, threshold_end, max_examples)
+        require_rule(memory)
+        self.memory_rule = memory
         require(
             a_scale > 0,
             f"InfLoRA a_scale must be > 0 (the official 1/sqrt(3) = 0.577), got {a_scale}: A = 0 trains nothing",

@@ -29,6 +29,8 @@ class SubspaceMemory(TaskCallback):
             per task (None: the task's whole training set).
     """
 
+    memory_rule = "gpm"  # how the memory grows (plan.subspace.expand_memory); InfLoRA follows its own code
+
     def __init__(
         self, threshold_start: float = 0.95, threshold_end: float = 1.0, max_examples: int | None = None
     ) -> None:
@@ -118,7 +120,10 @@ class SubspaceMemory(TaskCallback):
     def update_memory(self, covariances: dict[str, Tensor], task: int, num_tasks: int) -> None:
         threshold = threshold_schedule(task, num_tasks, self.threshold_start, self.threshold_end)
         self.bases.update(
-            self.per_layer(covariances, lambda covariance, memory: expand_memory(memory, covariance, threshold))
+            self.per_layer(
+                covariances,
+                lambda covariance, memory: expand_memory(memory, covariance, threshold, self.memory_rule, task == 0),
+            )
         )
 
     # -- keeping the trainable down-projection out of a protected subspace --------------------------------

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from plan.errors import ConfigError
+
 
 def token_gram(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, int]:
     """``sum_tokens x x^T`` in float64 on the CPU, and the number of tokens it sums. ``mask`` (batch x sequence,
@@ -83,28 +85,56 @@ def top_directions(covariance: Tensor, rank: int) -> Tensor:
     return eigenvectors[:, eigenvalues.argsort(descending=True)[:rank]]
 
 
-def expand_memory(basis: Tensor, covariance: Tensor, threshold: float) -> Tensor:
-    """GPM's memory update from a task's input second moment ``C``.
+MEMORY_RULES = ("gpm", "inflora")
 
-    Keeps span(M) and adds the fewest leading directions of the residual ``(I - MM^T) C (I - MM^T)`` such
-    that the energy captured (M's share of trace(C) plus the added eigenvalues) reaches ``threshold`` of
-    trace(C). ``threshold = 1`` keeps every direction the inputs use (exact non-interference).
+
+def expand_memory(
+    basis: Tensor, covariance: Tensor, threshold: float, rule: str = "gpm", first_task: bool = False
+) -> Tensor:
+    """The memory update of GPM (``rule='gpm'``) or of InfLoRA's official code (``'inflora'``) from a task's
+    input second moment ``C``: keep span(M) and add leading directions of what M leaves of C.
+
+    * ``gpm``: the directions are the eigenvectors of ``(I - MM^T) C (I - MM^T)``, a direction's energy its
+      eigenvalue (the squared singular value of the inputs themselves, as GPM measures), out of trace(C).
+    * ``inflora``: the directions are the left singular vectors of ``(I - MM^T) C``, a direction's energy its
+      squared singular value (C's singular values squared: a sharper weighting), out of sum sigma(C)^2.
+
+    Both official codes keep, on the first task (``first_task``), the directions whose cumulative energy ratio
+    stays below ``threshold`` (``sum(cumsum(ratio) < threshold)``, possibly none), and on later tasks add
+    directions while the share already captured is below ``threshold``. ``threshold = 1`` keeps every
+    direction with energy (exact non-interference).
     """
-    total = covariance.trace()
+    require_rule(rule)
+    if rule == "inflora":
+        directions, spread, _ = torch.linalg.svd(project_out(covariance, basis), full_matrices=False)
+        energies, total = spread**2, (torch.linalg.svdvals(covariance) ** 2).sum()
+    else:
+        residual = project_out(project_out(covariance, basis).T, basis)
+        eigenvalues, eigenvectors = torch.linalg.eigh((residual + residual.T) / 2)
+        order = eigenvalues.argsort(descending=True)
+        spread, directions = eigenvalues[order].clamp_min(0), eigenvectors[:, order]
+        energies, total = spread, covariance.trace()
     if total <= 0:
         return basis
-    residual = project_out(project_out(covariance, basis).T, basis)
-    captured = total - residual.trace()
-    eigenvalues, eigenvectors = torch.linalg.eigh((residual + residual.T) / 2)
-    order = eigenvalues.argsort(descending=True)
-    eigenvalues, eigenvectors = eigenvalues[order].clamp_min(0), eigenvectors[:, order]
-    needed = threshold * total - captured
-    if needed <= 0:
-        return basis
-    cumulative = eigenvalues.cumsum(0)
-    count = int((cumulative < needed * (1 - 1e-9)).sum().item()) + 1
-    count = min(count, int((eigenvalues > 1e-12 * total).sum().item()))
-    return orthonormalize(torch.cat([basis.to(eigenvectors.dtype), eigenvectors[:, :count]], dim=1))
+    ratios = (energies / total).tolist()
+    # the directions the inputs use at all: the covariance's own scale (not its square) against its trace
+    used = int((spread > 1e-12 * covariance.trace()).sum().item())
+    if threshold >= 1:
+        count = used
+    elif first_task:
+        count = int((torch.tensor(ratios).cumsum(0) < threshold).sum().item())
+    else:
+        captured, count = 1.0 - sum(ratios), 0
+        while count < len(ratios) and captured < threshold:
+            captured += ratios[count]
+            count += 1
+    count = min(count, used)
+    return orthonormalize(torch.cat([basis.to(directions.dtype), directions[:, :count]], dim=1))
+
+
+def require_rule(rule: str) -> None:
+    if rule not in MEMORY_RULES:
+        raise ConfigError(f"memory rule must be one of {MEMORY_RULES}, got {rule!r}")
 
 
 def threshold_schedule(task: int, num_tasks: int, start: float, end: float) -> float:

@@ -62,6 +62,54 @@ def test_memory_with_threshold_one_spans_the_inputs():
     assert residual.abs().max() < 1e-8
 
 
+def diagonal(*values: float) -> torch.Tensor:
+    return torch.diag(torch.tensor(values, dtype=torch.float64))
+
+
+def unit(*indices: int, dim: int = 4) -> torch.Tensor:
+    return torch.eye(dim, dtype=torch.float64)[:, list(indices)]
+
+
+def span(basis: torch.Tensor) -> torch.Tensor:
+    return basis @ basis.T
+
+
+def test_first_task_keeps_the_directions_whose_cumulative_energy_stays_below_the_threshold():
+    """C = diag(4, 3, 2, 1), threshold 0.85. GPM's energies are the eigenvalues: ratios .4 .3 .2 .1, cumulative
+    .4 .7 .9 1.0, so 2 stay below (the previous rule, 'reach the threshold', kept 3). InfLoRA's energies are
+    the squared singular values 16 9 4 1 of 30: cumulative .533 .833 .967 1.0, so 2."""
+    empty = torch.zeros(4, 0, dtype=torch.float64)
+    covariance = diagonal(4, 3, 2, 1)
+    torch.testing.assert_close(span(expand_memory(empty, covariance, 0.85, "gpm", first_task=True)), span(unit(0, 1)))
+    torch.testing.assert_close(
+        span(expand_memory(empty, covariance, 0.85, "inflora", first_task=True)), span(unit(0, 1))
+    )
+    # where the two differ: threshold 0.8 keeps 2 under GPM (.4 .7 < .8) and 1 under InfLoRA (.533 < .8 < .833)
+    assert expand_memory(empty, covariance, 0.8, "gpm", first_task=True).shape[1] == 2
+    assert expand_memory(empty, covariance, 0.8, "inflora", first_task=True).shape[1] == 1
+    # on a later task, an empty memory grows by the other rule: .4 .7 .9 reaches .8 with 3 (GPM)
+    assert expand_memory(empty, covariance, 0.8, "gpm").shape[1] == 3
+
+
+def test_later_tasks_add_directions_until_the_captured_energy_reaches_the_threshold():
+    """Memory e0, C = diag(4, 3, 2, 1). InfLoRA (official code): (I - MM^T) C = diag(0, 3, 2, 1), captured
+    (30 - 14) / 30 = .533; adding 9/30 gives .833 < .9, adding 4/30 gives .967: e1 and e2 join. GPM: captured
+    .4; adding .3 gives .7, adding .2 gives .9 >= .9: e1 and e2 join too; at .95 GPM needs e3 as well."""
+    memory = unit(0)
+    covariance = diagonal(4, 3, 2, 1)
+    torch.testing.assert_close(span(expand_memory(memory, covariance, 0.9, "inflora")), span(unit(0, 1, 2)))
+    torch.testing.assert_close(span(expand_memory(memory, covariance, 0.9 - 1e-9, "gpm")), span(unit(0, 1, 2)))
+    torch.testing.assert_close(span(expand_memory(memory, covariance, 0.95, "gpm")), span(unit(0, 1, 2, 3)))
+    assert expand_memory(memory, covariance, 0.95, "inflora").shape[1] == 3  # .967 >= .95 after two
+
+
+def test_inflora_uses_its_own_memory_rule_unless_asked_for_gpms():
+    assert InfLoRA().memory_rule == "inflora" and InfLoRA(memory="gpm").memory_rule == "gpm"
+    assert GradientProjection().memory_rule == "gpm"
+    with pytest.raises(ValueError, match="memory rule must be one of"):
+        InfLoRA(memory="dualgpm")
+
+
 def test_coto_schedule_and_groups():
     assert activation_probability(0, 100, 0.1, 0.75) == pytest.approx(0.1)
     assert activation_probability(30, 100, 0.1, 0.75) == pytest.approx(0.1 + 0.9 * 30 / 75)
