@@ -4,6 +4,7 @@
     python benchmarks/federated.py cosine              # each round's global update vs the ideal, per rule
     python benchmarks/federated.py overhead            # a round's time / the same local steps run plainly
     python benchmarks/federated.py memory              # peak RSS and client-store bytes at 10 vs 100 clients
+    python benchmarks/federated.py scale               # 10 / 100 / 1,000 clients, 10 per round: store, RSS, round time
     python benchmarks/federated.py server              # aggregation time per rule for 10 and 100 clients
 
 ``accuracy`` runs ``plan fit`` on ``configs/federated/<rule>.yaml`` (10 clients, 5 sampled per round, 5 rounds)
@@ -218,6 +219,65 @@ def memory(args: argparse.Namespace) -> None:
           f"(10 clients: {rows[10]['max_rss_bytes'] / 2**20:.0f} MiB, 100: {rows[100]['max_rss_bytes'] / 2**20:.0f} MiB)")  # fmt: skip
 
 
+# -- scale: many clients, few of them per round ------------------------------------------------------------
+
+
+class RoundClock(Callback):
+    """Wall time of each round's training epoch (local training of its clients and the aggregation)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.times.append(time.perf_counter() - self.start)
+
+
+def scale_child(clients: int) -> None:
+    """4 rounds of 10 sampled clients (one local step of 4 examples each) among ``clients``, over the whole
+    20 Newsgroups training split (1,000 per class is more than any group holds); prints the median round time
+    of rounds 1-3, the client store and peak RSS."""
+    arguments = [
+        "--data.init_args.num_clients", str(clients), "--data.init_args.clients_per_round", "10",
+        "--data.init_args.partition", "iid", "--data.init_args.local_steps", "1", "--data.init_args.rounds", "4",
+        "--data.init_args.batch_size", "4", "--data.init_args.source.init_args.train_per_class", "1000",
+        "--trainer.limit_val_batches", "0",
+    ]  # fmt: skip
+    clock = RoundClock()
+    with tempfile.TemporaryDirectory() as root:
+        cli = run_cli(
+            ["--config", str(CONFIGS / "fedit.yaml"), *QUIET, "--trainer.default_root_dir", root, *arguments], run=False
+        )
+        cli.trainer.callbacks.append(clock)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    driver = cli.trainer.callbacks[0]
+    store = sum(t.nbytes for u in driver.clients.values() for pair in u.adapters.values() for t in pair)
+    store += sum(t.nbytes for u in driver.clients.values() for t in u.head.values())
+    print(json.dumps({"clients": clients, "trained": len(driver.clients), "store_bytes": store,
+                      "round_s": statistics.median(clock.times[1:]), "rounds_s": clock.times,
+                      "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))  # fmt: skip
+
+
+def scale(args: argparse.Namespace) -> None:
+    rows = []
+    for clients in (10, 100, 1000):
+        out = subprocess.run(
+            [sys.executable, __file__, "scale-child", str(clients)], capture_output=True, text=True, check=True
+        ).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    one = rows[0]["store_bytes"] / rows[0]["trained"]
+    print()
+    print(f"{'clients':>8} {'trained':>8} {'store MiB':>10} {'= adapters':>11} {'peak RSS MiB':>13} {'round s':>8}")
+    for row in rows:
+        print(
+            f"{row['clients']:>8} {row['trained']:>8} {row['store_bytes'] / 2**20:>10.2f} {row['store_bytes'] / one:>11.1f} "
+            f"{row['max_rss_bytes'] / 2**20:>13.0f} {row['round_s']:>8.2f}"
+        )
+
+
 # -- server -----------------------------------------------------------------------------------------------
 
 
@@ -286,6 +346,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--trials", type=int, default=2)
     sub.add_parser("memory")
+    sub.add_parser("scale")
+    p = sub.add_parser("scale-child")
+    p.add_argument("clients", type=int)
     p = sub.add_parser("memory-child")
     p.add_argument("clients", type=int)
     p.add_argument("--profiled", action="store_true")
@@ -294,10 +357,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "memory-child":
         memory_child(args.clients, args.profiled)
+    elif args.command == "scale-child":
+        scale_child(args.clients)
     else:
-        {"accuracy": accuracy, "cosine": cosine, "overhead": overhead, "memory": memory, "server": server}[
-            args.command
-        ](args)
+        commands = {"accuracy": accuracy, "cosine": cosine, "overhead": overhead, "memory": memory, "scale": scale}
+        {**commands, "server": server}[args.command](args)
 
 
 if __name__ == "__main__":
