@@ -203,8 +203,13 @@ def encode_examples(examples: Examples, class_id: dict[str, int], tokenizer, max
     labels = torch.tensor([class_id[label] for label in examples.labels])
     if isinstance(examples.inputs, Tensor):
         return EncodedExamples({"pixel_values": examples.inputs}, labels)
-    encoded = tokenizer(examples.inputs, truncation=True, max_length=max_length)
-    return EncodedExamples({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}, labels)
+    return EncodedExamples(encode_texts(examples.inputs, tokenizer, max_length), labels)
+
+
+def encode_texts(texts: list[str], tokenizer: Any, max_length: int) -> dict[str, list | Tensor]:
+    """Token ids and attention masks of ``texts``, truncated to ``max_length`` tokens."""
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
 class SkipFirst(Sampler[list]):
@@ -287,9 +292,9 @@ class Predictions:
             require(
                 self.tokenizer is not None, "data.predict_file holds texts, but this data has no tokenizer (images)"
             )
-            encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-            features = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-            examples = EncodedExamples(features, torch.full((len(texts),), -1))
+            examples = EncodedExamples(
+                encode_texts(texts, self.tokenizer, self.max_length), torch.full((len(texts),), -1)
+            )
         sampler = ShardedBatchSampler(list(range(len(examples))), self.eval_batch_size, 0, shuffle=False)
         collate_fn = partial(collate, pad_id=self.pad_id)
         return DataLoader(Indexed(examples), batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.num_workers)
