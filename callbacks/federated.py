@@ -260,7 +260,7 @@ class FederatedRounds(Callback):
 
     @staticmethod
     def _read_head(pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        return {name: p.detach().cpu().clone() for name, p in pl_module.head.named_parameters()}
+        return {name: p.detach().cpu().clone() for name, p in pl_module.head_parameters().items()}
 
     @staticmethod
     @torch.no_grad()
@@ -271,7 +271,7 @@ class FederatedRounds(Callback):
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
             layer.active_rank = layer.rank
-        for name, p in pl_module.head.named_parameters():
+        for name, p in pl_module.head_parameters().items():
             p.copy_(state.head[name])
 
     # -- logging ------------------------------------------------------------------------------------------

@@ -12,11 +12,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 class PredictionWriter(BasePredictionWriter):
-    """At the end of prediction, ``path`` gets the columns ``index`` (the example's position in the predicted
-    split or file), ``label`` (its true class, empty for a file), ``predicted`` and ``score`` (the predicted
-    class's probability among the classes trained so far)."""
-
-    COLUMNS = ("index", "label", "predicted", "score")
+    """At the end of prediction, ``path`` gets one column per key of the model's ``predict_step`` output: for a
+    classifier ``index`` (the example's position in the predicted split or file), ``label`` (its true class,
+    empty for a file), ``predicted`` and ``score`` (the predicted class's probability among the classes trained
+    so far); for a language model ``index``, ``label`` (the reference answer) and ``predicted`` (the generated
+    one)."""
 
     def __init__(self, path: str) -> None:
         super().__init__(write_interval="epoch")
@@ -27,12 +27,13 @@ class PredictionWriter(BasePredictionWriter):
     ) -> None:
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        columns = list(batches[0]) if batches else ["index", "label", "predicted"]
         with open(self.path, "w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(self.COLUMNS)
+            writer.writerow(columns)
             rows = 0
             for batch in batches:
-                for row in zip(*(batch[column] for column in self.COLUMNS)):
+                for row in zip(*(batch[column] for column in columns)):
                     writer.writerow(row)
                     rows += 1
         rank_zero_info(f"plan: wrote {rows} predictions to {self.path}")

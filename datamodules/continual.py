@@ -13,7 +13,6 @@ import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,21 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from plan.datamodules.sources import DataSource, Examples
+from plan.datamodules.encoding import (
+    TAGS,
+    EncodedExamples,
+    InstructionExamples,
+    InstructionFormat,
+    collate_fn,
+    encode_split,
+    encode_texts,
+    instruction_format_for,
+)
+from plan.datamodules.sources import DatasetSequence, DataSource, Examples
 from plan.errors import require
 from plan.models import EMBEDDED_MINILM, load_tokenizer
 
 SCENARIOS = ("class_incremental", "task_incremental", "domain_incremental")
-TAGS = ("client", "index")  # batch entries that say where an example comes from, not what it is
 PREDICT_SPLITS = ("train", "test")
 
 
@@ -41,6 +49,7 @@ class TaskLayout:
     class_names: list[str]
     task_classes: list[list[int]]
     task_names: list[str] = field(default_factory=list)
+    metrics: list[str] | None = None  # for a language model: how each task's generated answers are scored
 
     @property
     def num_tasks(self) -> int:
@@ -103,22 +112,6 @@ def domain_incremental_layout(classes: list[str], domains: list[str], order: lis
     return TaskLayout("domain_incremental", sorted(classes), [all_ids for _ in names], names)
 
 
-class EncodedExamples(Dataset):
-    """Tokenised (or image) examples with global class ids; ``__getitem__`` gives one feature dict."""
-
-    def __init__(self, features: dict[str, list | Tensor], labels: Tensor) -> None:
-        self.features = features
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict:
-        item = {key: values[i] for key, values in self.features.items()}
-        item["labels"] = self.labels[i]
-        return item
-
-
 def load_splits(source: DataSource) -> tuple[Examples, Examples]:
     """The source's train and test splits. An empty split, or test classes the training split lacks (the model
     could never predict them), is an error naming the source; classes with no test example only warn."""
@@ -135,6 +128,17 @@ def load_splits(source: DataSource) -> tuple[Examples, Examples]:
     if untested:
         rank_zero_warn(f"classes {untested} have no test examples in {source.describe()}: nothing measures them")
     return train, test
+
+
+def free_text_tasks(examples: Examples, layout: TaskLayout) -> list[bool]:
+    """Which tasks answer in free text: those whose classes hold an example with its own response."""
+    if examples.responses is None:
+        return [False] * layout.num_tasks
+    class_id = {name: i for i, name in enumerate(layout.class_names)}
+    texts = {
+        class_id[label] for label, r in zip(examples.labels, examples.responses) if r is not None and label in class_id
+    }
+    return [any(c in texts for c in classes) for classes in layout.task_classes]
 
 
 def check_loader_settings(batch_size: int, eval_batch_size: int | None, max_length: int, num_workers: int) -> None:
@@ -159,7 +163,8 @@ def tokenizer_name_for(requested: str | None, trainer: pl.Trainer | None) -> str
 
 
 def tokenizer_for(examples: Examples, name: str, max_length: int) -> tuple[object | None, int]:
-    """The tokenizer text inputs need (None for images) and the id it pads with (0 if it has none).
+    """The tokenizer text inputs need (None for images) and the id it pads with (its end-of-sequence id if it
+    has no padding token, as causal LM tokenizers often do; 0 if it has neither).
 
     ``max_length`` must leave room for text beside the special tokens: a tokenizer does not refuse one that
     does not, it ignores it (MiniLM's gives whole texts for 1, and only [CLS] [SEP] for 2)."""
@@ -177,7 +182,8 @@ def tokenizer_for(examples: Examples, name: str, max_length: int) -> tuple[objec
             f"max_length={max_length} exceeds the {tokenizer.model_max_length} tokens tokenizer '{name}' is made "
             "for: a backbone with that many positions fails on a longer text"
         )
-    return tokenizer, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    return tokenizer, pad_id
 
 
 def unused_settings(scenario: str, classes_per_task: int | None, tasks: list | None, domains: list | None) -> list[str]:
@@ -195,21 +201,6 @@ def unused_settings(scenario: str, classes_per_task: int | None, tasks: list | N
 def eval_shard(indices: list[int], rank: int, world_size: int) -> list[int]:
     """This rank's contiguous share of an evaluation set: unpadded, so counts summed over ranks are exact."""
     return indices[rank * len(indices) // world_size : (rank + 1) * len(indices) // world_size]
-
-
-def encode_examples(examples: Examples, class_id: dict[str, int], tokenizer, max_length: int) -> EncodedExamples:
-    """Token ids and attention masks (text, truncated to ``max_length``) or pixel values (images), with each
-    example's class name mapped to its global id."""
-    labels = torch.tensor([class_id[label] for label in examples.labels])
-    if isinstance(examples.inputs, Tensor):
-        return EncodedExamples({"pixel_values": examples.inputs}, labels)
-    return EncodedExamples(encode_texts(examples.inputs, tokenizer, max_length), labels)
-
-
-def encode_texts(texts: list[str], tokenizer: Any, max_length: int) -> dict[str, list | Tensor]:
-    """Token ids and attention masks of ``texts``, truncated to ``max_length`` tokens."""
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)
-    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
 class SkipFirst(Sampler[list]):
@@ -285,9 +276,20 @@ class Predictions:
     eval_batch_size: int
     num_workers: int
     pad_id: int
+    instruction_format: InstructionFormat | None
 
-    def _prediction_loader(self, examples: EncodedExamples | None) -> DataLoader:
+    @property
+    def collate_fn(self):
+        """The batch builder of this data's encoding (classes, or instructions for a language model)."""
+        return collate_fn(self.instruction_format, self.pad_id)
+
+    def _prediction_loader(self, examples: EncodedExamples | InstructionExamples | None) -> DataLoader:
         if examples is None:
+            require(
+                self.instruction_format is None,
+                "data.predict_file is read by classifiers; a language model predicts for a split of its source "
+                "(data.predict_split) and answers each example's instruction",
+            )
             texts = read_texts(self.predict_file)  # type: ignore[arg-type]
             require(
                 self.tokenizer is not None, "data.predict_file holds texts, but this data has no tokenizer (images)"
@@ -296,8 +298,9 @@ class Predictions:
                 encode_texts(texts, self.tokenizer, self.max_length), torch.full((len(texts),), -1)
             )
         sampler = ShardedBatchSampler(list(range(len(examples))), self.eval_batch_size, 0, shuffle=False)
-        collate_fn = partial(collate, pad_id=self.pad_id)
-        return DataLoader(Indexed(examples), batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.num_workers)
+        return DataLoader(
+            Indexed(examples), batch_sampler=sampler, collate_fn=self.collate_fn, num_workers=self.num_workers
+        )
 
 
 class ShardedBatchSampler(Sampler[list[int]]):
@@ -347,7 +350,8 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
             (prediction restricted to the evaluated task's classes) or ``domain_incremental`` (tasks are the
             source's domains over one label space).
         classes_per_task: cut the seeded class order into tasks of this many classes.
-        tasks: explicit class names per task instead of ``classes_per_task``.
+        tasks: explicit class names per task instead of ``classes_per_task``; with neither, a
+            :class:`~plan.datamodules.DatasetSequence` source makes one task of each of its datasets.
         domains: domain order for ``domain_incremental`` (default: sorted domain names).
         class_order_seed: seed of the class order (1993 is the community convention).
         seed: seed of the data order; pass ``p`` of task ``t`` uses a permutation drawn from (seed, t, p).
@@ -362,6 +366,9 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
         tokenizer: model name or path whose tokenizer encodes text sources (default: the model's backbone).
         predict_split, predict_file: what ``plan predict`` predicts for: a split of the source, or a file
             (``.txt``, one text per line, or a CSV/JSON/Parquet file with a ``text`` column).
+        instructions: how examples become instructions when the model is a language model
+            (:class:`plan.datamodules.encoding.InstructionFormat`; default: the tokenizer's chat template, each
+            task's label names as options, exact match for labels and ROUGE-L for free text).
     """
 
     def __init__(
@@ -384,6 +391,7 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
         num_workers: int = 0,
         predict_split: str = "test",
         predict_file: str | None = None,
+        instructions: InstructionFormat | None = None,
     ) -> None:
         super().__init__()
         require(
@@ -414,11 +422,13 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
         self.max_length = max_length
         self.num_workers = num_workers
         self.predict_split, self.predict_file = predict_split, predict_file
+        self.instructions = instructions
+        self.instruction_format: InstructionFormat | None = None  # set at setup: instructions, for a language model
         self.tokenizer: Any = None  # set at setup: the tokenizer of tokenizer_name (None for images)
         self.tasks_trained: int | None = None  # outside fit: how many tasks the loaded checkpoint had trained
         self.layout: TaskLayout | None = None
         self.pad_id = 0
-        self._splits: dict[str, tuple[EncodedExamples, list[list[int]]]] = {}
+        self._splits: dict[str, tuple[EncodedExamples | InstructionExamples, list[list[int]]]] = {}
 
     # -- the sequence -------------------------------------------------------------------------------------
 
@@ -478,9 +488,15 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
             )
             self.layout = domain_incremental_layout(classes, train.domains, self.domains)
         else:
-            self.layout = class_incremental_layout(
-                classes, self.scenario, self.classes_per_task, self.tasks, self.class_order_seed
+            per_dataset = (
+                self.tasks is None and self.classes_per_task is None and isinstance(self.source, DatasetSequence)
             )
+            tasks = self.source.tasks() if per_dataset else self.tasks  # type: ignore[attr-defined]
+            self.layout = class_incremental_layout(
+                classes, self.scenario, self.classes_per_task, tasks, self.class_order_seed
+            )
+            if per_dataset:  # one task per dataset, in the sequence's order, named after it
+                self.layout.task_names = list(self.source.sources)  # type: ignore[attr-defined]
             left_out = sorted(set(classes) - set(self.layout.class_names))
             require(
                 not left_out,
@@ -489,7 +505,13 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
             )
         self.tokenizer_name = tokenizer_name_for(self.tokenizer_name, self.trainer)
         self.tokenizer, self.pad_id = tokenizer_for(train, self.tokenizer_name, self.max_length)
-        self._splits = {"train": self._encode(train, self.tokenizer), "test": self._encode(test, self.tokenizer)}
+        self.instruction_format = instruction_format_for(self.instructions, self.trainer)
+        self._splits = {
+            "train": self._encode(train, self.tokenizer, "train"),
+            "test": self._encode(test, self.tokenizer, "test"),
+        }
+        if self.instruction_format is not None:
+            self.layout.metrics = self.instruction_format.task_metrics(free_text_tasks(train, self.layout))
         if self.val_fraction:
             dataset, task_indices = self._splits["train"]
             train_ids, val_ids = hold_out(task_indices, self.val_fraction, self.seed)
@@ -506,7 +528,9 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
             "it, or use data without it",
         )
 
-    def _encode(self, examples: Examples, tokenizer) -> tuple[EncodedExamples, list[list[int]]]:
+    def _encode(
+        self, examples: Examples, tokenizer, split: str
+    ) -> tuple[EncodedExamples | InstructionExamples, list[list[int]]]:
         """Encode the examples of the layout's classes and list each task's example indices."""
         layout = self._require_layout()
         class_id = {name: i for i, name in enumerate(layout.class_names)}
@@ -526,19 +550,30 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
         task_indices: list[list[int]] = [[] for _ in range(layout.num_tasks)]
         for i, task in enumerate(task_of):
             task_indices[task].append(i)
-        return encode_examples(examples.subset(keep), class_id, tokenizer, self.max_length), task_indices
+        encoded = encode_split(
+            examples.subset(keep),
+            layout.class_names,
+            task_of,
+            layout.task_classes,
+            self.source,
+            self.instruction_format,
+            tokenizer,
+            self.max_length,
+            split,
+        )
+        return encoded, task_indices
 
     def _loader(
         self, split: str, indices: list[int], batch_size: int, shuffle: bool, seed: int = 0, passes: int = 1
     ) -> DataLoader:
         dataset, _ = self._splits[split]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        collate_fn = partial(collate, pad_id=self.pad_id)
+        options = {"collate_fn": self.collate_fn, "num_workers": self.num_workers}
         if shuffle:
             sampler = ShardedBatchSampler(indices, batch_size, seed, passes, True, rank, world)
-            return ResumableLoader(dataset, sampler, self.trainer, collate_fn=collate_fn, num_workers=self.num_workers)
+            return ResumableLoader(dataset, sampler, self.trainer, **options)
         sampler = ShardedBatchSampler(eval_shard(indices, rank, world), batch_size, seed, passes, False)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.num_workers)
+        return DataLoader(dataset, batch_sampler=sampler, **options)
 
     @property
     def current_stage(self) -> int:
@@ -623,21 +658,3 @@ def hold_out(task_indices: list[list[int]], fraction: float, seed: int) -> tuple
         val.append(sorted(indices[i] for i in order[:count].tolist()))
         train.append(sorted(indices[i] for i in order[count:].tolist()))
     return train, val
-
-
-def collate(items: list[dict], pad_id: int = 0) -> dict[str, Tensor]:
-    """Stack images, or right-pad token ids (with ``pad_id``) and attention masks to the longest sequence."""
-    batch: dict[str, Tensor] = {"labels": torch.stack([item["labels"] for item in items])}
-    for key in TAGS:
-        if key in items[0]:
-            batch[key] = torch.tensor([item[key] for item in items])
-    if "pixel_values" in items[0]:
-        batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
-        return batch
-    longest = max(len(item["input_ids"]) for item in items)
-    for key in ("input_ids", "attention_mask"):
-        rows = torch.full((len(items), longest), pad_id if key == "input_ids" else 0, dtype=torch.long)
-        for r, item in enumerate(items):
-            rows[r, : len(item[key])] = torch.as_tensor(item[key])
-        batch[key] = rows
-    return batch

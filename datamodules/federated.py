@@ -12,7 +12,6 @@ whole test split (one dataloader, sharded across ranks).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,21 +21,26 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from plan.datamodules.continual import (
     PREDICT_SPLITS,
-    EncodedExamples,
     Predictions,
     ResumableLoader,
     ShardedBatchSampler,
     TaskLayout,
     check_loader_settings,
-    collate,
-    encode_examples,
     eval_shard,
+    free_text_tasks,
     hold_out,
     load_splits,
     tokenizer_for,
     tokenizer_name_for,
 )
-from plan.datamodules.sources import DataSource
+from plan.datamodules.encoding import (
+    EncodedExamples,
+    InstructionExamples,
+    InstructionFormat,
+    encode_split,
+    instruction_format_for,
+)
+from plan.datamodules.sources import DataSource, Examples
 from plan.errors import require
 from plan.partition import label_histogram, partition
 
@@ -44,7 +48,7 @@ from plan.partition import label_histogram, partition
 class ClientTagged(Dataset):
     """Examples indexed by ``(client, i)``: the item of example ``i`` with its client id added."""
 
-    def __init__(self, examples: EncodedExamples) -> None:
+    def __init__(self, examples: EncodedExamples | InstructionExamples) -> None:
         self.examples = examples
 
     def __len__(self) -> int:
@@ -140,6 +144,7 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
         val_fraction: hold out this seeded share of the training split, before the partition, as the server's
             validation set (validation, and ``fed/acc``, read it; ``plan test`` reads the test split).
         predict_split, predict_file: what ``plan predict`` predicts for (see TaskSequenceDataModule).
+        instructions: how examples become instructions for a language model (see TaskSequenceDataModule).
     """
 
     def __init__(
@@ -164,6 +169,7 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
         val_fraction: float = 0.0,
         predict_split: str = "test",
         predict_file: str | None = None,
+        instructions: InstructionFormat | None = None,
     ) -> None:
         super().__init__()
         require(
@@ -197,14 +203,16 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
         self.predict_split, self.predict_file = predict_split, predict_file
         require(0.0 <= val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {val_fraction}")
         self.val_fraction = val_fraction
+        self.instructions = instructions
+        self.instruction_format: InstructionFormat | None = None  # set at setup: instructions, for a language model
         self.tokenizer: Any = None  # set at setup: the tokenizer of tokenizer_name (None for images)
         self.joint = True  # the module trains and evaluates on every class at once
         self.layout: TaskLayout | None = None
         self.client_indices: list[list[int]] = []
         self.pad_id = 0
-        self._train: EncodedExamples | None = None
-        self._test: EncodedExamples | None = None
-        self._val: EncodedExamples | None = None  # the validation split: held out of training, or the test split
+        self._train: EncodedExamples | InstructionExamples | None = None
+        self._test: EncodedExamples | InstructionExamples | None = None
+        self._val: EncodedExamples | InstructionExamples | None = None  # held out of training, or the test split
 
     # -- the federation -----------------------------------------------------------------------------------
 
@@ -287,9 +295,28 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
         )
         self.tokenizer_name = tokenizer_name_for(self.tokenizer_name, self.trainer)
         self.tokenizer, self.pad_id = tokenizer_for(train, self.tokenizer_name, self.max_length)
-        self._train = encode_examples(train, class_id, self.tokenizer, self.max_length)
-        self._test = encode_examples(test, class_id, self.tokenizer, self.max_length)
-        self._val = self._test if held is None else encode_examples(held, class_id, self.tokenizer, self.max_length)
+        self.instruction_format = instruction_format_for(self.instructions, self.trainer)
+        self._train = self._encode(train, "train")
+        self._test = self._encode(test, "test")
+        self._val = self._test if held is None else self._encode(held, "validation")
+        if self.instruction_format is not None:
+            self.layout.metrics = self.instruction_format.task_metrics(free_text_tasks(train, self.layout))
+
+    def _encode(self, examples: Examples, split: str) -> EncodedExamples | InstructionExamples:
+        """Encode a split: one task holds every class (the options an instruction lists)."""
+        assert self.layout is not None  # set at setup, before encoding
+        tasks = [0] * len(examples)
+        return encode_split(
+            examples,
+            self.layout.class_names,
+            tasks,
+            self.layout.task_classes,
+            self.source,
+            self.instruction_format,
+            self.tokenizer,
+            self.max_length,
+            split,
+        )
 
     def train_dataloader(self) -> DataLoader:
         round_index = self.trainer.current_epoch if self.trainer else 0
@@ -313,7 +340,7 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
             ClientTagged(self._train),
             sampler,
             self.trainer,
-            collate_fn=partial(collate, pad_id=self.pad_id),
+            collate_fn=self.collate_fn,
             num_workers=self.num_workers,
         )
 
@@ -327,7 +354,7 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
         split = self._train if self.predict_split == "train" else self._test
         return self._prediction_loader(split if self.predict_file is None else None)
 
-    def _eval_loader(self, examples: EncodedExamples) -> DataLoader:
+    def _eval_loader(self, examples: EncodedExamples | InstructionExamples) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sampler = ShardedBatchSampler(
             eval_shard(list(range(len(examples))), rank, world), self.eval_batch_size, 0, shuffle=False
@@ -335,7 +362,7 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
         return DataLoader(
             examples,
             batch_sampler=sampler,
-            collate_fn=partial(collate, pad_id=self.pad_id),
+            collate_fn=self.collate_fn,
             num_workers=self.num_workers,
         )
 

@@ -27,15 +27,21 @@ from plan.errors import ConfigError, require
 
 @dataclass
 class Examples:
-    """One split of a labelled dataset; ``inputs`` is a list of texts or an ``(N, C, H, W)`` image tensor."""
+    """One split of a labelled dataset; ``inputs`` is a list of texts or an ``(N, C, H, W)`` image tensor.
+
+    Instruction data also has ``responses`` (the answer to each input, ``None`` where the label's name is the
+    answer) and may have ``chats`` (the turns before each answer, replacing the input as the prompt)."""
 
     inputs: list[str] | Tensor
     labels: list[str]
     domains: list[str] | None = None
+    responses: list[str | None] | None = None
+    chats: list[list[dict[str, str]] | None] | None = None
 
     def __post_init__(self) -> None:
-        if len(self.inputs) != len(self.labels) or (self.domains is not None and len(self.domains) != len(self.labels)):
-            raise ValueError("inputs, labels and domains must have one entry per example")
+        columns = (self.domains, self.responses, self.chats)
+        if len(self.inputs) != len(self.labels) or any(c is not None and len(c) != len(self.labels) for c in columns):
+            raise ValueError("inputs, labels, domains, responses and chats must have one entry per example")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -46,8 +52,13 @@ class Examples:
             if isinstance(self.inputs, Tensor)
             else [self.inputs[i] for i in indices]
         )
-        domains = None if self.domains is None else [self.domains[i] for i in indices]
-        return Examples(inputs, [self.labels[i] for i in indices], domains)
+
+        def pick(column: list | None) -> list | None:
+            return None if column is None else [column[i] for i in indices]
+
+        return Examples(
+            inputs, [self.labels[i] for i in indices], pick(self.domains), pick(self.responses), pick(self.chats)
+        )
 
 
 def per_class_subsample(examples: Examples, per_class: int | None, seed: int) -> Examples:
@@ -104,10 +115,23 @@ def rowless_files(data_files: dict[str, str] | str | None, csv: bool) -> list[st
 
 
 class DataSource:
-    """Base class: ``load(split)`` returns the examples of ``split`` ('train' or 'test')."""
+    """Base class: ``load(split)`` returns the examples of ``split`` ('train' or 'test').
+
+    For a language model, a labelled example becomes an instruction (:mod:`plan.datamodules.encoding`): the
+    source's ``instruction`` followed by the label set, and the label's name (``label_text``) as the answer."""
+
+    instruction = "Which category does this text belong to?"
 
     def load(self, split: str) -> Examples:
         raise NotImplementedError
+
+    def instruction_for(self, label: str) -> str:
+        """The instruction an example of class ``label`` is asked with."""
+        return self.instruction
+
+    def label_text(self, label: str) -> str:
+        """The answer a language model gives for class ``label``."""
+        return label
 
     def describe(self) -> str:
         """A string that identifies the data, stored in checkpoints to refuse resuming on other data."""
@@ -238,6 +262,8 @@ class TwentyNewsgroups(DataSource):
     ``labels='domain'`` gives the 4-domain split (label = comp/rec/sci/talk, domain = d1..d4, 16 groups used).
     """
 
+    instruction = "Which newsgroup was this message posted to?"
+
     def __init__(
         self,
         labels: str = "group",
@@ -334,6 +360,8 @@ class Reuters(_OrangeTextSource):
     of them empty (no topic, no text), which is dropped. Labels are the topic names ('earn', 'acq', ...).
     """
 
+    instruction = "What is the topic of this news article?"
+
     def __init__(
         self,
         subset: str = "r8",
@@ -356,6 +384,8 @@ class ElectionTweets(_HeldOutTestSource):
     Clinton's, 125 of Trump's). The file has no test split: ``test_fraction`` of each class is held out.
     """
 
+    instruction = "Which candidate's account posted this tweet?"
+
     def all_examples(self) -> Examples:
         return labelled_texts(self.read("election-tweets-2016.tab"), "Content", "Author")
 
@@ -370,6 +400,8 @@ class FriendsSpeakers(_HeldOutTestSource):
     (Joey 9, Phoebe 8, Rachel 4, Ross 2, Chandler 2, Monica 1): they are dropped. The file has no test split:
     ``test_fraction`` of each character's lines are held out.
     """
+
+    instruction = "Which Friends character says this line?"
 
     def __init__(
         self,
@@ -405,6 +437,8 @@ class SlovenianComments(_HeldOutTestSource):
     ``test_fraction`` of each category is held out.
     """
 
+    instruction = "Under which news section was this Slovenian reader comment posted?"
+
     def all_examples(self) -> Examples:
         return labelled_texts(self.read("slo-opinion-corpus.tab"), "Content", "Category")
 
@@ -413,15 +447,15 @@ class DatasetSequence(DataSource):
     """Several named datasets as one source, for sequences where each task is its own dataset (O-LoRA style).
 
     Every example gets ``domain`` = its dataset's name and ``label`` = ``"<name>:<label>"``, so the label sets
-    of two datasets never collide (the datasets' own domains, if any, are replaced). Train one task per
-    dataset, in the order of ``sources``, with::
+    of two datasets never collide (the datasets' own domains, if any, are replaced). A task-sequence
+    datamodule given neither ``tasks`` nor ``classes_per_task`` trains one task per dataset, in the order of
+    ``sources`` (``tasks()``), named after it::
 
         seq = DatasetSequence({"tweets": ElectionTweets(...), "reuters": Reuters("r8", ...)})
-        TaskSequenceDataModule(seq, scenario="class_incremental", tasks=seq.tasks())
+        TaskSequenceDataModule(seq, scenario="class_incremental")
 
-    ``tasks()`` is ``[[classes of dataset 1], [classes of dataset 2], ...]``; in a YAML config write those lists
-    out as ``data.tasks`` (``[["tweets:HillaryClinton", "tweets:realDonaldTrump"], ["reuters:acq", ...]]``).
-    ``scenario="task_incremental"`` restricts prediction to the evaluated dataset's classes instead.
+    ``scenario="task_incremental"`` restricts a classifier's prediction to the evaluated dataset's classes. A
+    language model is asked each dataset's own instruction and answers with the label's own name.
     """
 
     def __init__(self, sources: dict[str, DataSource]) -> None:
@@ -444,7 +478,25 @@ class DatasetSequence(DataSource):
             inputs = [text for _, examples in parts for text in examples.inputs]
         labels = [f"{name}:{label}" for name, examples in parts for label in examples.labels]
         domains = [name for name, examples in parts for _ in examples.labels]
-        return Examples(inputs, labels, domains)
+
+        def joined(column: str) -> list | None:  # a column some datasets lack: None for their examples
+            if all(getattr(examples, column) is None for _, examples in parts):
+                return None
+            return [v for _, e in parts for v in (getattr(e, column) or [None] * len(e))]
+
+        return Examples(inputs, labels, domains, joined("responses"), joined("chats"))
+
+    def _part(self, label: str) -> tuple[DataSource, str]:
+        name, _, own = label.partition(":")
+        return self.sources[name], own
+
+    def instruction_for(self, label: str) -> str:
+        source, own = self._part(label)
+        return source.instruction_for(own)
+
+    def label_text(self, label: str) -> str:
+        source, own = self._part(label)
+        return source.label_text(own)
 
     def tasks(self) -> list[list[str]]:
         """One task per dataset, in order: the sorted ``name:label`` classes of its training split."""
@@ -459,12 +511,79 @@ class DatasetSequence(DataSource):
         return f"DatasetSequence({', '.join(f'{name}={source.describe()}' for name, source in self.sources.items())})"
 
 
-class HuggingFaceSource(DataSource):
-    """Any ``datasets`` dataset by name, or local CSV/JSON/Parquet files, with named text and label columns.
+def load_table(path: str, name: str | None, data_files: dict[str, str] | str | None, split: str, where: str):
+    """Split ``split`` of a ``datasets`` dataset (or of local files), with a clear error for a missing file, a
+    file without rows, or a split the dataset lacks."""
+    import datasets
 
-    ``path='csv'`` (or ``'json'``, ``'parquet'``) with ``data_files={'train': ..., 'test': ...}`` reads local
-    files; any other ``path`` goes to ``datasets.load_dataset``.
-    """
+    try:
+        dataset = datasets.load_dataset(path, name, data_files=data_files)
+    except FileNotFoundError as err:
+        raise ConfigError(f"dataset path={path!r}, data_files={data_files!r}: {err}") from None
+    except Exception as err:
+        rowless = rowless_files(data_files, csv=path == "csv")
+        if rowless:
+            raise ConfigError(f"{'; '.join(rowless)}: every split needs at least one example row") from err
+        raise
+    require(split in dataset, f"dataset '{path}' has no split {split!r} ({where}); it has {sorted(dataset)}")
+    return dataset[split]
+
+
+def read_columns(table, columns: list[str], text_columns: list[str], where: str, role: str) -> dict[str, list]:
+    """The cells of ``columns``, refusing a missing column (``role`` says which settings name them) and empty
+    cells (or non-text ones in ``text_columns``), with the first rows that hold them."""
+    missing = [c for c in columns if c not in table.column_names]
+    require(
+        not missing,
+        f"{where} has no column {missing}; its columns are {table.column_names}. Set {role} to existing columns.",
+    )
+    names = {c: getattr(table.features[c], "names", None) for c in columns}
+    cells = {column: table[column] for column in columns}
+    for column, values in cells.items():
+        text = column in text_columns
+        bad = unusable_rows(values, text, names[column] is not None)
+        require(
+            not bad,
+            f"{where} column {column!r} has {len(bad)} {'empty or non-text' if text else 'empty'} cell(s), at data "
+            f"rows {[i + 1 for i in bad[:5]]}{' ...' if len(bad) > 5 else ''} (1 = the first row after any header); "
+            "fill them in or drop those rows",
+        )
+    return {c: [names[c][v] for v in cells[c]] if names[c] else cells[c] for c in columns}
+
+
+class _TableSource(DataSource):
+    """A ``datasets`` dataset by name, or local CSV/JSON/Parquet files: ``path='csv'`` (or ``'json'``,
+    ``'parquet'``) with ``data_files={'train': ..., 'test': ...}`` reads local files; any other ``path`` goes to
+    ``datasets.load_dataset``."""
+
+    def __init__(
+        self,
+        path: str,
+        name: str | None,
+        data_files: dict[str, str] | str | None,
+        train_split: str,
+        test_split: str,
+        seed: int,
+    ) -> None:
+        self.path = path
+        self.name = name
+        self.data_files = data_files
+        self.splits = {"train": train_split, "test": test_split}
+        self.seed = seed
+
+    def where(self, split: str) -> str:
+        """A split as the user named it: the dataset, the split and its data files if there are any."""
+        files = self.data_files.get(split) if isinstance(self.data_files, dict) else self.data_files
+        return f"dataset '{self.path}' split {split!r}" + (f" ({files})" if files else "")
+
+    def table(self, split: str):
+        wanted = self.splits[split]
+        return load_table(self.path, self.name, self.data_files, wanted, f"{split}_split"), self.where(wanted)
+
+
+class HuggingFaceSource(_TableSource):
+    """Labelled texts from any ``datasets`` dataset or local CSV/JSON/Parquet files, with named text and label
+    columns; ``instruction`` is what a language model is asked about each text."""
 
     def __init__(
         self,
@@ -479,68 +598,93 @@ class HuggingFaceSource(DataSource):
         train_per_class: int | None = None,
         test_per_class: int | None = None,
         seed: int = 0,
+        instruction: str = DataSource.instruction,
     ) -> None:
         check_per_class(train_per_class=train_per_class, test_per_class=test_per_class)
-        self.path = path
-        self.name = name
-        self.data_files = data_files
+        super().__init__(path, name, data_files, train_split, test_split, seed)
         self.text_column = text_column
         self.label_column = label_column
         self.domain_column = domain_column
-        self.splits = {"train": train_split, "test": test_split}
         self.per_class = {"train": train_per_class, "test": test_per_class}
-        self.seed = seed
-
-    def where(self, split: str) -> str:
-        """A split as the user named it: the dataset, the split and its data files if there are any."""
-        files = self.data_files.get(split) if isinstance(self.data_files, dict) else self.data_files
-        return f"dataset '{self.path}' split {split!r}" + (f" ({files})" if files else "")
+        self.instruction = instruction
 
     def load(self, split: str) -> Examples:
-        import datasets
-
-        try:
-            dataset = datasets.load_dataset(self.path, self.name, data_files=self.data_files)
-        except FileNotFoundError as err:
-            raise ConfigError(f"dataset path={self.path!r}, data_files={self.data_files!r}: {err}") from None
-        except Exception as err:
-            rowless = rowless_files(self.data_files, csv=self.path == "csv")
-            if rowless:
-                raise ConfigError(f"{'; '.join(rowless)}: every split needs at least one example row") from err
-            raise
-        wanted = self.splits[split]
-        require(
-            wanted in dataset,
-            f"dataset '{self.path}' has no split {wanted!r} ({split}_split); it has {sorted(dataset)}",
-        )
-        table = dataset[wanted]
+        table, where = self.table(split)
         columns = [self.text_column, self.label_column] + ([self.domain_column] if self.domain_column else [])
-        missing = [c for c in columns if c not in table.column_names]
-        require(
-            not missing,
-            f"{self.where(wanted)} has no column {missing}; its columns are {table.column_names}. "
-            "Set text_column / label_column / domain_column to existing columns.",
-        )
-        names = getattr(table.features[self.label_column], "names", None)
-        cells = {column: table[column] for column in columns}
-        for column, values in cells.items():
-            text, class_label = column == self.text_column, column == self.label_column and names is not None
-            bad = unusable_rows(values, text, class_label)
-            require(
-                not bad,
-                f"{self.where(wanted)} column {column!r} has {len(bad)} {'empty or non-text' if text else 'empty'} "
-                f"cell(s), at data rows {[i + 1 for i in bad[:5]]}{' ...' if len(bad) > 5 else ''} (1 = the first "
-                "row after any header); fill them in or drop those rows",
-            )
-        labels = [names[v] if names else str(v) for v in cells[self.label_column]]
+        cells = read_columns(table, columns, [self.text_column], where, "text_column / label_column / domain_column")
+        labels = [str(v) for v in cells[self.label_column]]
         require(
             split != "train" or len(set(labels)) > 1,
-            f"{self.where(wanted)} column {self.label_column!r} holds one class, {labels[0]!r}: a classifier needs at "
+            f"{where} column {self.label_column!r} holds one class, {labels[0]!r}: a classifier needs at "
             "least 2 (is label_column the label column?)",
         )
         domains = [str(v) for v in cells[self.domain_column]] if self.domain_column else None
         examples = Examples(list(cells[self.text_column]), labels, domains)
         return per_class_subsample(examples, self.per_class[split], self.seed)
+
+
+class InstructionSource(_TableSource):
+    """Instruction data for a language model: a prompt and its response per row, from any ``datasets`` dataset
+    or local CSV/JSON/Parquet files.
+
+    Either ``prompt_column`` and ``response_column`` hold the texts, or ``messages_column`` holds a chat (a
+    list of ``{"role", "content"}`` turns) whose last turn, the assistant's, is the response. Every example has
+    the class ``label`` (one per dataset, so that a :class:`DatasetSequence` of instruction datasets makes one
+    task of each); ``train_examples`` / ``test_examples`` cap a split's size (a seeded draw).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        prompt_column: str = "prompt",
+        response_column: str = "response",
+        messages_column: str | None = None,
+        name: str | None = None,
+        data_files: dict[str, str] | str | None = None,
+        train_split: str = "train",
+        test_split: str = "test",
+        train_examples: int | None = None,
+        test_examples: int | None = None,
+        seed: int = 0,
+        label: str = "answer",
+    ) -> None:
+        check_per_class(train_examples=train_examples, test_examples=test_examples)
+        super().__init__(path, name, data_files, train_split, test_split, seed)
+        self.prompt_column, self.response_column, self.messages_column = prompt_column, response_column, messages_column
+        self.caps = {"train": train_examples, "test": test_examples}
+        self.label = label
+
+    def load(self, split: str) -> Examples:
+        table, where = self.table(split)
+        if self.messages_column is None:
+            columns = [self.prompt_column, self.response_column]
+            cells = read_columns(table, columns, columns, where, "prompt_column / response_column")
+            prompts, responses = list(cells[self.prompt_column]), list(cells[self.response_column])
+            chats = None
+        else:
+            cells = read_columns(table, [self.messages_column], [], where, "messages_column")
+            turns = [chat_turns(chat, f"{where} row {i + 1}") for i, chat in enumerate(cells[self.messages_column])]
+            chats = [before for before, _ in turns]
+            responses = [answer for _, answer in turns]
+            prompts = [before[-1]["content"] for before in chats]
+        examples = Examples(prompts, [self.label] * len(prompts), None, list(responses), chats)
+        return per_class_subsample(examples, self.caps[split], self.seed)
+
+
+def chat_turns(chat: object, where: str) -> tuple[list[dict[str, str]], str]:
+    """A chat split into the turns before its last one and the last one's text, which must be the assistant's."""
+    require(
+        isinstance(chat, list) and all(isinstance(t, dict) and {"role", "content"} <= set(t) for t in chat),
+        f"{where}: messages must be a list of {{'role', 'content'}} turns, got {str(chat)[:80]!r}",
+    )
+    assert isinstance(chat, list)  # checked just above
+    require(
+        len(chat) >= 2 and chat[-1]["role"] == "assistant",
+        f"{where}: a chat needs at least one turn before a last turn by the assistant (the response); its roles "
+        f"are {[t['role'] for t in chat]}",
+    )
+    require(str(chat[-1]["content"]).strip() != "", f"{where}: the assistant's last turn (the response) is empty")
+    return [{"role": str(t["role"]), "content": str(t["content"])} for t in chat[:-1]], str(chat[-1]["content"])
 
 
 class SyntheticSource(DataSource):

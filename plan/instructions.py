@@ -10,6 +10,7 @@ instruction the O-LoRA way: the instruction names the label set and the response
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +31,18 @@ def classification_prompt(text: str, labels: Sequence[str], instruction: str) ->
     return f"{instruction}\nOptions: {', '.join(labels)}\nText: {text}\nAnswer:"
 
 
-def render_prompt(tokenizer: Any, prompt: str, template: str | None) -> str:
-    """The text that precedes the response: the chat template's user turn and assistant opening when the
-    tokenizer has a chat template and no ``template`` is given, else ``template`` (a ``{prompt}`` field)."""
+Prompt = str | list[dict[str, str]]  # a text, or a chat's turns before the response ({"role", "content"} each)
+
+
+def render_prompt(tokenizer: Any, prompt: Prompt, template: str | None) -> str:
+    """The text that precedes the response: the chat template's turns and assistant opening when the tokenizer
+    has a chat template and no ``template`` is given, else ``template`` (a ``{prompt}`` field; a chat's turns
+    fill it as ``role: content`` lines)."""
     if template is None and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    if not isinstance(prompt, str):
+        prompt = "\n".join(f"{turn['role']}: {turn['content']}" for turn in prompt)
     if template is None:
         raise ConfigError(
             f"tokenizer {type(tokenizer).__name__} has no chat template: set data template to a plain template with "
@@ -53,16 +60,26 @@ class EncodedInstruction:
     labels: list[int]
     truncated: int
 
+    @property
+    def prompt_length(self) -> int:
+        """Tokens before the response (the positions labelled ``IGNORE``)."""
+        return next((i for i, label in enumerate(self.labels) if label != IGNORE), len(self.labels))
+
+    @property
+    def response_length(self) -> int:
+        """Tokens of the response, end-of-sequence included."""
+        return len(self.input_ids) - self.prompt_length
+
 
 def encode_instruction(
-    tokenizer: Any, prompt: str, response: str, max_length: int, template: str | None = None
+    tokenizer: Any, prompt: Prompt, response: str, max_length: int, template: str | None = None
 ) -> EncodedInstruction:
     """Token ids of ``prompt`` (rendered) + ``response`` + end-of-sequence, at most ``max_length`` of them.
 
     A prompt too long to fit loses its first tokens (the instruction's start) rather than the response, and
     the count of lost tokens is returned; a response that cannot fit even with an empty prompt is an error,
     never silently dropped."""
-    require(response.strip() != "", f"an instruction example has an empty response (prompt {prompt[:60]!r}...)")
+    require(response.strip() != "", f"an instruction example has an empty response (prompt {str(prompt)[:60]!r}...)")
     prompt_ids = tokenizer(render_prompt(tokenizer, prompt, template), add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
@@ -100,3 +117,32 @@ def response_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE
     )
+
+
+# -- scoring generated answers --------------------------------------------------------------------------------
+
+METRICS = ("exact_match", "rouge_l")
+_EDGE_PUNCTUATION = " \t\n.,;:!?\"'`"
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, runs of whitespace as one space, and no punctuation at either end ("Paris." == "paris")."""
+    return re.sub(r"\s+", " ", text).strip(_EDGE_PUNCTUATION).lower()
+
+
+def exact_match(generated: str, reference: str) -> float:
+    """1.0 when the normalised answer equals the normalised reference, else 0.0."""
+    return float(normalise_answer(generated) == normalise_answer(reference))
+
+
+def rouge_l(generated: str, reference: str) -> float:
+    """ROUGE-L F-measure (longest common subsequence of words), as torchmetrics computes it."""
+    from torchmetrics.functional.text.rouge import rouge_score
+
+    return float(rouge_score(generated, reference, rouge_keys="rougeL")["rougeL_fmeasure"])
+
+
+def score_answer(metric: str, generated: str, reference: str) -> float:
+    """One generated answer's score under ``metric`` (one of :data:`METRICS`)."""
+    require(metric in METRICS, f"metric {metric!r} is not one of {METRICS}")
+    return exact_match(generated, reference) if metric == "exact_match" else rouge_l(generated, reference)

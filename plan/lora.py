@@ -16,7 +16,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +32,14 @@ from plan.subspace import compress_factors
 
 @dataclass
 class LoRAConfig:
-    """What to adapt and how: PEFT's ``LoraConfig`` fields under the same names."""
+    """What to adapt and how: PEFT's ``LoraConfig`` fields under the same names. ``target_modules`` left
+    ``None`` adapts what PEFT adapts by default for the model's type (the attention's query and value
+    projections: ``query``/``value`` in BERT, ``q_proj``/``v_proj`` in Llama, ``c_attn`` in GPT-2)."""
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    target_modules: list[str] | None = None
     kernel: str = "auto"  # auto | triton | torch: the path of the LoRA layers' forward/backward (plan.kernels)
 
     def __post_init__(self) -> None:
@@ -219,22 +221,55 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return False
 
 
+DEFAULT_TARGETS = ["query", "value"]  # for a model type PEFT has no default for (ViT, a custom encoder)
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """PEFT's default LoRA targets for the model's ``config.model_type``, else :data:`DEFAULT_TARGETS`."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return list(PEFT_TARGETS.get(model_type, DEFAULT_TARGETS))
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers ``Conv1D``: GPT-2's projections, a linear map with its weight kept
+    transposed."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """``module`` as an ``nn.Linear``: itself, or a ``Conv1D`` rebuilt as the linear layer it computes."""
+    if is_conv1d(module):
+        weight = module.weight  # (in, out)
+        linear = nn.Linear(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight.T)
+            linear.bias.copy_(module.bias)
+        return linear
+    assert isinstance(module, nn.Linear)  # inject_lora passes linear layers and Conv1D only
+    return module
+
+
 def inject_lora(model: nn.Module, config: LoRAConfig) -> dict[str, LoRALinear]:
-    """Replace every ``nn.Linear`` whose name matches ``config.target_modules`` with a :class:`LoRALinear`.
+    """Replace every ``nn.Linear`` (or GPT-2 ``Conv1D``) whose name matches ``config.target_modules`` with a
+    :class:`LoRALinear`.
 
     Freezes every parameter of ``model`` first, so only the LoRA slots (and whatever the caller unfreezes
     afterwards) train. Returns the new layers by module name.
     """
     if isinstance(config.target_modules, str):
         config.target_modules = [config.target_modules]
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    targets = [name for name in linears if _matches(name, config.target_modules)]
+    patterns = config.target_modules or default_target_modules(model)
+    candidates = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
+    targets = [name for name in candidates if _matches(name, patterns)]
     if not targets:
-        suffixes = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name in candidates})
         raise ConfigError(
-            f"target_modules {config.target_modules} match no nn.Linear in {type(model).__name__}; "
+            f"target_modules {patterns} match no nn.Linear in {type(model).__name__}; "
             f"its linear layers end in: {suffixes}"
         )
+    linears = {name: as_linear(candidates[name]) for name in targets}
     # Build every layer before swapping any in, so a rank that does not fit leaves no half-injected model.
     layers = {
         name: LoRALinear(linears[name], config.rank, config.alpha, config.dropout, name=name, kernel=config.kernel)

@@ -15,7 +15,8 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
 from plan.datamodules import HuggingFaceSource, SyntheticSource, TaskSequenceDataModule, TwentyNewsgroups
-from plan.datamodules.continual import ShardedBatchSampler, class_incremental_layout, collate
+from plan.datamodules.continual import ShardedBatchSampler, class_incremental_layout
+from plan.datamodules.encoding import collate
 
 CLASSES_20 = [f"c{i:02d}" for i in range(20)]
 
