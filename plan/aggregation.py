@@ -203,24 +203,39 @@ def lora_fair(updates: list[ClientUpdate], lam: float = 0.01, steps: int = 1000,
     return GlobalState(adapters, base.head)
 
 
-def flexlora(updates: list[ClientUpdate], rank: int) -> GlobalState:
+def flexlora(updates: list[ClientUpdate], rank: int, homogeneous: str = "fedit") -> GlobalState:
     """FlexLoRA: the rank-``rank`` truncated SVD of ``sum p_k B_k A_k`` as ``A = Vh_r``, ``B = U_r S_r``. Its
     error is the Eckart-Young tail ``sum_{i > r} sigma_i^2``; a client of rank ``r_k < rank`` takes the first
-    ``r_k`` components, which is the rank-``r_k`` truncation. Client ranks may differ."""
+    ``r_k`` components, which is the rank-``r_k`` truncation. Client ranks may differ.
+
+    As in the official code, which hands out components of a full SVD, no row of ``A`` is ever zero: when the
+    sum has rank below ``rank`` (the round's client ranks sum to less), the missing rows of ``A`` are
+    orthonormal directions outside its row space, with zero ``B`` columns, so they can still learn (a zero row
+    of ``A`` gets exactly zero gradient for good). With every client at ``rank`` and ``homogeneous='fedit'``
+    (the official code's homogeneous setting) the rule is FedIT's average; ``'svd'`` keeps the SVD."""
+    require(homogeneous in ("fedit", "svd"), f"FlexLoRA homogeneous must be 'fedit' or 'svd', got {homogeneous!r}")
+    if homogeneous == "fedit" and all(a.shape[0] == rank for u in updates for a, _ in u.adapters.values()):
+        return fedit(updates)
     p = client_weights(updates)
     adapters = {}
     for layer in updates[0].adapters:
         a_stk, b_stk = stacked_factors(updates, layer, p)
         u, s, vh = factored_svd(a_stk, b_stk)
-        a, b = (
-            torch.zeros(rank, a_stk.shape[1], dtype=torch.float64),
-            torch.zeros(b_stk.shape[0], rank, dtype=torch.float64),
-        )
         keep = min(rank, len(s))
-        a[:keep], b[:, :keep] = vh[:keep], u[:, :keep] * s[:keep]
+        a = torch.cat([vh[:keep], orthonormal_complement(vh[:keep], rank - keep)])
+        b = torch.zeros(b_stk.shape[0], rank, dtype=torch.float64)
+        b[:, :keep] = u[:, :keep] * s[:keep]
         dtype = updates[0].adapters[layer][0].dtype
         adapters[layer] = (a.to(dtype), b.to(dtype))
     return GlobalState(adapters, average_head(updates, p))
+
+
+def orthonormal_complement(rows: Tensor, count: int) -> Tensor:
+    """``count`` orthonormal rows orthogonal to the orthonormal ``rows``: the first directions of the standard
+    basis left once ``rows`` are projected out (a deterministic choice)."""
+    width = rows.shape[1]
+    q, _ = torch.linalg.qr(torch.cat([rows.T, torch.eye(width, dtype=rows.dtype)], dim=1))
+    return q[:, rows.shape[0] : rows.shape[0] + count].T
 
 
 def flora(updates: list[ClientUpdate], scale: float) -> GlobalState:
@@ -353,13 +368,21 @@ class LoRAFAIR(AggregationRule):
 
 
 class FlexLoRA(AggregationRule):
-    """SVD redistribution of the weighted sum of client updates (Bai et al., NeurIPS 2024); ranks may differ."""
+    """SVD redistribution of the weighted sum of client updates (Bai et al., NeurIPS 2024); ranks may differ.
+
+    Args:
+        homogeneous: when every client has the global rank, ``fedit`` averages the factors as the official code
+            does, ``svd`` redistributes the SVD anyway."""
 
     name = "flexlora"
     equal_ranks = False
 
+    def __init__(self, homogeneous: str = "fedit") -> None:
+        require(homogeneous in ("fedit", "svd"), f"FlexLoRA homogeneous must be 'fedit' or 'svd', got {homogeneous!r}")
+        self.homogeneous = homogeneous
+
     def aggregate(self, updates, current, scale, rank):
-        return flexlora(updates, rank)
+        return flexlora(updates, rank, self.homogeneous)
 
 
 class FLoRA(AggregationRule):

@@ -118,6 +118,36 @@ def test_flexlora_error_is_the_eckart_young_tail():
     torch.testing.assert_close(SCALE * product(a, b), ideal, rtol=0, atol=1e-12)
 
 
+def test_flexlora_leaves_no_zero_row_when_the_clients_ranks_sum_below_the_global_rank():
+    """Two rank-1 clients, global rank 4: the sum has rank 2. The official code hands out components of a full
+    SVD, so every row of A is a unit direction: the two of the sum's row space, then two orthogonal to it with
+    zero B columns, which leave the update exact but still get gradient (a zero row of A never would)."""
+    updates = make_updates(ranks=(1, 1))
+    a, b = flexlora(updates, 4).adapters["layer"]
+    torch.testing.assert_close(a.double() @ a.double().T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert not b[:, 2:].any() and b[:, :2].norm(dim=0).min() > 0
+    torch.testing.assert_close(SCALE * product(a, b), ideal_update(updates, "layer", SCALE), rtol=0, atol=1e-12)
+    row_space = torch.cat([u.adapters["layer"][0] for u in updates])  # spans the sum's rows
+    assert (a[2:].double() @ row_space.T).abs().max() < 1e-12
+    # the zero B columns get gradient through the completion rows (with zero rows of A they would get none)
+    x = torch.randn(5, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    b_param = b.clone().double().requires_grad_(True)
+    (x @ a.double().T @ b_param.T).sum().backward()
+    assert b_param.grad[:, 2:].norm(dim=0).min() > 0
+
+
+def test_flexlora_with_every_client_at_the_global_rank_is_fedit_unless_asked_for_the_svd():
+    updates = make_updates(ranks=(3, 3, 3, 3))
+    fed = fedit(updates).adapters["layer"]
+    torch.testing.assert_close(flexlora(updates, 3).adapters["layer"], fed, rtol=0, atol=0)
+    a, b = flexlora(updates, 3, homogeneous="svd").adapters["layer"]
+    ideal = ideal_update(updates, "layer", SCALE)
+    tail = (torch.linalg.svdvals(ideal)[3:] ** 2).sum()
+    assert ((SCALE * product(a, b) - ideal).norm() ** 2).item() == pytest.approx(tail.item(), rel=1e-9)
+    with pytest.raises(ValueError, match="homogeneous must be 'fedit' or 'svd', got 'avg'"):
+        flexlora(updates, 3, homogeneous="avg")
+
+
 def test_lora_fair_moves_closer_to_the_ideal_than_fedit():
     updates = make_updates()
     ideal = ideal_update(updates, "layer", SCALE)
