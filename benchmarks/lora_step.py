@@ -1,8 +1,13 @@
-"""One LoRA training step of MiniLM: plan's ``inject_lora`` against PEFT's ``get_peft_model``.
+"""One LoRA training step: plan's ``inject_lora`` against PEFT's ``get_peft_model`` and against the frozen
+model alone (the floor), on MiniLM or on the embedded SmolLM2-135M language model.
 
 A step is forward + backward + ``AdamW.step()`` (fp32) on a batch of random token ids with a full attention
-mask; the loss is the mean of the squared mean-pooled ``last_hidden_state``, identical for both variants.
-Both variants adapt ``query`` and ``value`` with the same rank, alpha and dropout, and run in train mode.
+mask. ``--model minilm``: the loss is the mean of the squared mean-pooled ``last_hidden_state``; ``--model
+smollm``: next-token cross-entropy over the whole sequence (:func:`plan.instructions.response_loss`), as
+instruction tuning computes it. plan and PEFT adapt the model type's query and value projections with the
+same rank, alpha and dropout, and run in train mode. The ``floor`` variant has no adapter: the frozen model's
+forward and a backward pass that reaches the input embeddings (what any adapter's backward must traverse),
+with no optimizer step; plan/floor is the whole cost of adapting.
 
 Time: one process builds both models, runs warm-up steps, then times them interleaved over ``--trials`` trials
 of ``--steps`` steps each (order AB, BA, AB, ...), and reports the median step time of each, the ratio of the
@@ -26,6 +31,7 @@ Usage::
 
     python benchmarks/lora_step.py                       # CPU, batch 16, seq len 128, rank 8
     python benchmarks/lora_step.py --device cuda --json  # same on a GPU, machine-readable
+    python benchmarks/lora_step.py --model smollm --batch 8 --trials 8   # the embedded LLM
 """
 
 from __future__ import annotations
@@ -42,24 +48,26 @@ import time
 
 import torch
 
-VARIANTS = ("plan", "peft")
-TARGETS = ["query", "value"]
+VARIANTS = ("plan", "peft", "floor")
+TARGETS = {"minilm": ["query", "value"], "smollm": ["q_proj", "v_proj"]}
 
 
 # --------------------------------------------------------------------------------------------- model setup
 
 
 def build(variant: str, args: argparse.Namespace) -> torch.nn.Module:
-    """The MiniLM encoder with LoRA on query/value, in train mode, on ``args.device``."""
-    from plan.models import load_backbone
+    """The model with LoRA on its query/value projections (or none, for the floor), in train mode, on
+    ``args.device``."""
+    from plan.models import EMBEDDED_SMOLLM, load_backbone, load_causal_lm
 
     torch.manual_seed(args.seed)
-    model = load_backbone()
+    model = load_causal_lm(EMBEDDED_SMOLLM) if args.model == "smollm" else load_backbone()
+    targets = TARGETS[args.model]
     if variant == "plan":
         from plan.lora import LoRAConfig, inject_lora
 
         inject_lora(
-            model, LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=list(TARGETS))
+            model, LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=list(targets))
         )
     elif variant == "peft":
         import peft
@@ -67,9 +75,13 @@ def build(variant: str, args: argparse.Namespace) -> torch.nn.Module:
         model = peft.get_peft_model(
             model,
             peft.LoraConfig(
-                r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=list(TARGETS)
+                r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=list(targets)
             ),
         )
+    elif variant == "floor":
+        model.requires_grad_(False)
+        # The embeddings' output requires grad, so backward runs through every layer, as an adapter's must.
+        model.get_input_embeddings().register_forward_hook(lambda _module, _args, out: out.requires_grad_())
     else:
         raise ValueError(f"unknown variant {variant!r}")
     model.to(args.device)
@@ -86,7 +98,12 @@ def make_batch(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, to
 
 
 def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    hidden = model(**batch).last_hidden_state  # (batch, seq, hidden)
+    output = model(**batch, use_cache=False) if hasattr(model, "generate") else model(**batch)
+    if hasattr(output, "logits"):  # a causal LM: next-token cross-entropy over the sequence
+        from plan.instructions import response_loss
+
+        return response_loss(output.logits, batch["input_ids"])
+    hidden = output.last_hidden_state  # (batch, seq, hidden)
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1)
     return pooled.pow(2).mean()
@@ -102,7 +119,7 @@ class Runner:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in self.params)
         self.batch = make_batch(self.model, args)
-        self.opt = torch.optim.AdamW(self.params, lr=1e-3)
+        self.opt = torch.optim.AdamW(self.params, lr=1e-3) if self.params else None  # the floor trains nothing
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -112,10 +129,12 @@ class Runner:
         """One training step; returns its wall time in seconds."""
         self.sync()
         t0 = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
         loss = loss_fn(self.model, self.batch)
         loss.backward()
-        self.opt.step()
+        if self.opt is not None:
+            self.opt.step()
         self.sync()
         return time.perf_counter() - t0
 
@@ -140,7 +159,8 @@ def check_equivalence(plan_runner: Runner, peft_runner: Runner) -> float:
     outs = []
     for r in (plan_runner, peft_runner):
         r.model.eval()
-        outs.append(r.model(**batch).last_hidden_state)
+        output = r.model(**batch)
+        outs.append(output.logits if hasattr(output, "logits") else output.last_hidden_state)
         r.model.train()
     # put the slots back to the usual init (B = 0) so the timed runs start from a no-op adapter, as in training
     for name, layer in plan_layers.items():
@@ -231,7 +251,7 @@ def memory_in_subprocess(variant: str, args: argparse.Namespace, method: str) ->
         "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
         "--alpha", str(args.alpha), "--dropout", str(args.dropout), "--steps", str(args.steps),
         "--warmup", str(args.warmup), "--device", args.device, "--threads", str(args.threads),
-        "--seed", str(args.seed),
+        "--seed", str(args.seed), "--model", args.model,
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -253,7 +273,7 @@ def measure_peak_memory(args: argparse.Namespace, log) -> dict:
             )
     for v in VARIANTS:
         m = memory[v]
-        if m["trainable_params"] != memory["plan"]["trainable_params"]:
+        if v != "floor" and m["trainable_params"] != memory["plan"]["trainable_params"]:
             log(
                 f"WARNING: {v} trains {m['trainable_params']:,} parameters in its memory run, plan {memory['plan']['trainable_params']:,}"
             )
@@ -261,8 +281,9 @@ def measure_peak_memory(args: argparse.Namespace, log) -> dict:
             m["peak_bytes"] = (
                 m["alloc_peak_bytes"] if m.get("alloc_peak_bytes") is not None else m["rss_peak_delta_bytes"]
             )
-    p, q = memory["plan"]["peak_bytes"], memory["peft"]["peak_bytes"]
+    p, q, f = (memory[v]["peak_bytes"] for v in VARIANTS)
     memory["ratio_plan_over_peft"] = p / q if q else None
+    memory["ratio_plan_over_floor"] = p / f if f else None
     memory["primary_method"] = memory["plan"]["methods"][0]
     if args.device == "cpu":
         rp, rq = memory["plan"]["rss_peak_delta_bytes"], memory["peft"]["rss_peak_delta_bytes"]
@@ -308,10 +329,12 @@ def measure_time(args: argparse.Namespace, log) -> dict:
     for v in VARIANTS:
         for _ in range(args.warmup):
             runners[v].step()
-    times = {v: [] for v in VARIANTS}
-    trial_medians = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    trial_medians: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for trial in range(args.trials):
-        order = VARIANTS if trial % 2 == 0 else VARIANTS[::-1]  # ABBA...: neither variant always goes first
+        shift = trial % len(VARIANTS)  # each variant goes first, second, ... in turn, reversed every other round
+        order = VARIANTS[shift:] + VARIANTS[:shift]
+        order = order if (trial // len(VARIANTS)) % 2 == 0 else order[::-1]
         for v in order:
             ts = [runners[v].step() for _ in range(args.steps)]
             times[v].extend(ts)
@@ -333,12 +356,13 @@ def measure_time(args: argparse.Namespace, log) -> dict:
             "trial_medians_s": trial_medians[v],
             "steps_s": times[v],  # in run order
         }
-    # per-trial paired ratio: the two variants of one trial ran back to back, so this cancels slow drifts
-    paired = [p / q for p, q in zip(trial_medians["plan"], trial_medians["peft"])]
-    out["ratio_plan_over_peft"] = out["plan"]["median_s"] / out["peft"]["median_s"]
-    out["min_ratio_plan_over_peft"] = out["plan"]["min_s"] / out["peft"]["min_s"]
-    out["paired_trial_ratios"] = paired
-    out["paired_ratio_median"] = statistics.median(paired)
+    # per-trial paired ratio: the variants of one trial ran back to back, so this cancels slow drifts
+    for base in ("peft", "floor"):
+        paired = [p / q for p, q in zip(trial_medians["plan"], trial_medians[base])]
+        out[f"ratio_plan_over_{base}"] = out["plan"]["median_s"] / out[base]["median_s"]
+        out[f"min_ratio_plan_over_{base}"] = out["plan"]["min_s"] / out[base]["min_s"]
+        out[f"paired_trial_ratios_{base}"] = paired
+        out[f"paired_ratio_median_{base}"] = statistics.median(paired)
     return out
 
 
@@ -347,6 +371,7 @@ def measure_time(args: argparse.Namespace, log) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=sorted(TARGETS), default="minilm")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--rank", type=int, default=8)
@@ -402,7 +427,7 @@ def main(argv=None) -> None:
         k: getattr(args, k)
         for k in ("batch", "seq_len", "rank", "alpha", "dropout", "steps", "trials", "warmup", "seed")
     }
-    config["target_modules"] = TARGETS
+    config["model"], config["target_modules"] = args.model, TARGETS[args.model]
     log(f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}; device {args.device} "
         f"({env['device_name']}), cpu_count {env['cpu_count']}, torch threads {env['threads']}")  # fmt: skip
     log(f"config: {config}")
@@ -437,12 +462,15 @@ def main(argv=None) -> None:
             row += f"  {mib(memory[v]['rss_peak_delta_bytes'])}"
         print(row)
     print()
-    print(f"time ratio plan/peft = {timing['ratio_plan_over_peft']:.3f}   (ratio of medians; "
-          f"median of per-trial paired ratios {timing['paired_ratio_median']:.3f}, "
-          f"range {min(timing['paired_trial_ratios']):.3f}..{max(timing['paired_trial_ratios']):.3f}; "
-          f"ratio of minima {timing['min_ratio_plan_over_peft']:.3f})")  # fmt: skip
+    for base in ("peft", "floor"):
+        paired = timing[f"paired_trial_ratios_{base}"]
+        print(f"time ratio plan/{base} = {timing[f'ratio_plan_over_{base}']:.3f}   (ratio of medians; "
+              f"median of per-trial paired ratios {timing[f'paired_ratio_median_{base}']:.3f}, "
+              f"range {min(paired):.3f}..{max(paired):.3f}; "
+              f"ratio of minima {timing[f'min_ratio_plan_over_{base}']:.3f})")  # fmt: skip
     if memory:
-        print(f"peak memory ratio plan/peft = {memory['ratio_plan_over_peft']:.3f}   ({memory['primary_method']})")
+        print(f"peak memory ratio plan/peft = {memory['ratio_plan_over_peft']:.3f}, plan/floor = "
+              f"{memory['ratio_plan_over_floor']:.3f}   ({memory['primary_method']})")  # fmt: skip
         if args.device == "cpu":
             print(
                 f"RSS peak-delta ratio plan/peft = {memory['rss_ratio_plan_over_peft']:.3f}   (ru_maxrss - RSS after load)"

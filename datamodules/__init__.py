@@ -2,6 +2,7 @@
 sources both cut their data from."""
 
 from plan.datamodules.continual import TaskLayout, TaskSequenceDataModule
+from plan.datamodules.encoding import InstructionFormat
 from plan.datamodules.federated import FederatedDataModule
 from plan.datamodules.sources import (
     DatasetSequence,
@@ -10,6 +11,7 @@ from plan.datamodules.sources import (
     Examples,
     FriendsSpeakers,
     HuggingFaceSource,
+    InstructionSource,
     Reuters,
     SlovenianComments,
     SyntheticSource,
@@ -24,6 +26,8 @@ __all__ = [
     "FederatedDataModule",
     "FriendsSpeakers",
     "HuggingFaceSource",
+    "InstructionFormat",
+    "InstructionSource",
     "Reuters",
     "SlovenianComments",
     "SyntheticSource",

@@ -48,9 +48,10 @@ TRAINER_DEFAULTS = {
 
 
 PLAN_CLASSES = (
-    "plan's classes: model plan.module.ContinualClassifier; data plan.datamodules.TaskSequenceDataModule or "
-    "plan.datamodules.FederatedDataModule, with source plan.datamodules.TwentyNewsgroups, HuggingFaceSource or "
-    "SyntheticSource; callbacks plan.callbacks.TaskSequencer, ForgettingLogger, OLoRA, InfLoRA, "
+    "plan's classes: model plan.module.ContinualClassifier or plan.language_model.ContinualLM; data "
+    "plan.datamodules.TaskSequenceDataModule or plan.datamodules.FederatedDataModule, with source "
+    "plan.datamodules.TwentyNewsgroups, Reuters, ElectionTweets, FriendsSpeakers, SlovenianComments, DatasetSequence, "
+    "HuggingFaceSource, InstructionSource or SyntheticSource; callbacks plan.callbacks.TaskSequencer, ForgettingLogger, OLoRA, InfLoRA, "
     "GradientProjection, PLAN, ProgressiveActivation, FederatedRounds; aggregation rules (FederatedRounds) "
     "fedit, ffa_lora, lora_fair, flexlora, flora. One class's arguments: --model.help CLASS, --data.help CLASS, "
     "--trainer.callbacks.help CLASS (e.g. --trainer.callbacks.help plan.callbacks.PLAN)."
