@@ -491,12 +491,12 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
             per_dataset = (
                 self.tasks is None and self.classes_per_task is None and isinstance(self.source, DatasetSequence)
             )
-            tasks = self.source.tasks() if per_dataset else self.tasks  # type: ignore[attr-defined]
+            tasks = self.source.tasks() if per_dataset else self.tasks
             self.layout = class_incremental_layout(
                 classes, self.scenario, self.classes_per_task, tasks, self.class_order_seed
             )
             if per_dataset:  # one task per dataset, in the sequence's order, named after it
-                self.layout.task_names = list(self.source.sources)  # type: ignore[attr-defined]
+                self.layout.task_names = list(self.source.sources)
             left_out = sorted(set(classes) - set(self.layout.class_names))
             require(
                 not left_out,

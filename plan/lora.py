@@ -18,7 +18,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -228,7 +228,7 @@ def default_target_modules(model: nn.Module) -> list[str]:
     """PEFT's default LoRA targets for the model's ``config.model_type``, else :data:`DEFAULT_TARGETS`."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
     return list(PEFT_TARGETS.get(model_type, DEFAULT_TARGETS))
 
 
@@ -241,11 +241,11 @@ def is_conv1d(module: nn.Module) -> bool:
 def as_linear(module: nn.Module) -> nn.Linear:
     """``module`` as an ``nn.Linear``: itself, or a ``Conv1D`` rebuilt as the linear layer it computes."""
     if is_conv1d(module):
-        weight = module.weight  # (in, out)
+        weight, bias = cast(Tensor, module.weight), cast(Tensor, module.bias)  # weight: (in, out)
         linear = nn.Linear(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             linear.weight.copy_(weight.T)
-            linear.bias.copy_(module.bias)
+            linear.bias.copy_(bias)
         return linear
     assert isinstance(module, nn.Linear)  # inject_lora passes linear layers and Conv1D only
     return module
