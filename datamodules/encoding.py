@@ -178,7 +178,7 @@ def encode_instruction_examples(
     instruction with the label set and the label's name as the answer. ``task_of`` gives each example's task,
     whose classes are the options listed and whose longest answer bounds generation."""
     require(not isinstance(examples.inputs, Tensor), "a language model reads text: this source gives images (tensors)")
-    texts: list[str] = list(examples.inputs)  # type: ignore[arg-type]  # text, checked just above
+    texts: list[str] = list(examples.inputs)  # text, checked just above
     every = [source.label_text(name) for name in class_names]
     options = [[source.label_text(class_names[c]) for c in classes] for classes in task_classes]
     encoded, references, shortened, cut_prompts = [], [], 0, 0

@@ -18,6 +18,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -511,13 +512,15 @@ class DatasetSequence(DataSource):
         return f"DatasetSequence({', '.join(f'{name}={source.describe()}' for name, source in self.sources.items())})"
 
 
-def load_table(path: str, name: str | None, data_files: dict[str, str] | str | None, split: str, where: str):
+def load_table(
+    path: str, name: str | None, data_files: dict[str, str] | str | None, split: str, where: str, **options: Any
+):
     """Split ``split`` of a ``datasets`` dataset (or of local files), with a clear error for a missing file, a
-    file without rows, or a split the dataset lacks."""
+    file without rows, or a split the dataset lacks; ``options`` go to ``datasets.load_dataset``."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(path, name, data_files=data_files)
+        dataset = datasets.load_dataset(path, name, data_files=data_files, **options)
     except FileNotFoundError as err:
         raise ConfigError(f"dataset path={path!r}, data_files={data_files!r}: {err}") from None
     except Exception as err:
@@ -537,7 +540,7 @@ def read_columns(table, columns: list[str], text_columns: list[str], where: str,
         not missing,
         f"{where} has no column {missing}; its columns are {table.column_names}. Set {role} to existing columns.",
     )
-    names = {c: getattr(table.features[c], "names", None) for c in columns}
+    names: dict[str, Any] = {c: getattr(table.features[c], "names", None) for c in columns}  # a ClassLabel's names
     cells = {column: table[column] for column in columns}
     for column, values in cells.items():
         text = column in text_columns
@@ -576,9 +579,10 @@ class _TableSource(DataSource):
         files = self.data_files.get(split) if isinstance(self.data_files, dict) else self.data_files
         return f"dataset '{self.path}' split {split!r}" + (f" ({files})" if files else "")
 
-    def table(self, split: str):
+    def table(self, split: str, **options: Any):
         wanted = self.splits[split]
-        return load_table(self.path, self.name, self.data_files, wanted, f"{split}_split"), self.where(wanted)
+        table = load_table(self.path, self.name, self.data_files, wanted, f"{split}_split", **options)
+        return table, self.where(wanted)
 
 
 class HuggingFaceSource(_TableSource):
@@ -655,20 +659,26 @@ class InstructionSource(_TableSource):
         self.label = label
 
     def load(self, split: str) -> Examples:
-        table, where = self.table(split)
+        chats: list[list[dict[str, str]] | None] | None = None
         if self.messages_column is None:
             columns = [self.prompt_column, self.response_column]
+            table, where = self.table(split, **self.text_options(columns))
             cells = read_columns(table, columns, columns, where, "prompt_column / response_column")
             prompts, responses = list(cells[self.prompt_column]), list(cells[self.response_column])
-            chats = None
         else:
+            table, where = self.table(split)
             cells = read_columns(table, [self.messages_column], [], where, "messages_column")
             turns = [chat_turns(chat, f"{where} row {i + 1}") for i, chat in enumerate(cells[self.messages_column])]
             chats = [before for before, _ in turns]
             responses = [answer for _, answer in turns]
-            prompts = [before[-1]["content"] for before in chats]
+            prompts = [before[-1]["content"] for before, _ in turns]
         examples = Examples(prompts, [self.label] * len(prompts), None, list(responses), chats)
         return per_class_subsample(examples, self.caps[split], self.seed)
+
+    def text_options(self, columns: list[str]) -> dict[str, Any]:
+        """Read a CSV file's ``columns`` as the text they hold: without this, a column of numbers (answers such
+        as ``4`` or ``007``) is parsed as numbers, refused as non-text and, for ``007``, changed."""
+        return {"converters": {column: str for column in columns}} if self.path == "csv" else {}
 
 
 def chat_turns(chat: object, where: str) -> tuple[list[dict[str, str]], str]:

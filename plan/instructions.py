@@ -44,9 +44,10 @@ def render_prompt(tokenizer: Any, prompt: Prompt, template: str | None) -> str:
     if not isinstance(prompt, str):
         prompt = "\n".join(f"{turn['role']}: {turn['content']}" for turn in prompt)
     if template is None:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise ConfigError(
-            f"tokenizer {type(tokenizer).__name__} has no chat template: set data template to a plain template with "
-            f"a {{prompt}} field, e.g. {PLAIN_TEMPLATE!r}"
+            f"tokenizer '{name}' has no chat template: set data.instructions.template to a plain template with a "
+            f"{{prompt}} field, e.g. {PLAIN_TEMPLATE!r}, or use a tokenizer that has one (data.tokenizer)"
         )
     require("{prompt}" in template, f"template {template!r} has no {{prompt}} field to put the prompt in")
     return template.format(prompt=prompt)

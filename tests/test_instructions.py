@@ -91,7 +91,7 @@ def test_a_long_prompt_loses_its_start_never_the_response(tokenizer) -> None:
 def test_bad_instruction_input_is_named(tokenizer) -> None:
     with pytest.raises(ConfigError, match="empty response"):
         encode_instruction(tokenizer, "q", "  ", 32, PLAIN_TEMPLATE)
-    with pytest.raises(ConfigError, match="has no chat template: set data template"):
+    with pytest.raises(ConfigError, match=r"has no chat template: set data\.instructions\.template"):
         render_prompt(tokenizer, "q", None)
     with pytest.raises(ConfigError, match="has no \\{prompt\\} field"):
         render_prompt(tokenizer, "q", "Question: ")
