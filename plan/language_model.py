@@ -9,7 +9,7 @@ accuracy matrix as a classifier's accuracies.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -21,6 +21,13 @@ from plan.instructions import response_loss, score_answer
 from plan.lora import LoRAConfig
 from plan.models import EMBEDDED_SMOLLM, load_causal_lm
 from plan.module import AdaptedModule
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedModel
+
+    class CausalLM(PreTrainedModel, GenerationMixin):
+        """What ``load_causal_lm`` returns: a model with ``generate`` and gradient checkpointing."""
+
 
 PROMPT_SHOWN = 400  # characters of a prompt's end shown beside a generated answer in TensorBoard
 
@@ -44,6 +51,8 @@ class ContinualLM(AdaptedModule):
 
     default_tokenizer = EMBEDDED_SMOLLM
     generative = True
+    peft_task_type = "CAUSAL_LM"  # PeftModel.from_pretrained wraps AutoModelForCausalLM as PeftModelForCausalLM
+    backbone: CausalLM
 
     def __init__(
         self,

@@ -37,6 +37,7 @@ class AdaptedModule(pl.LightningModule):
 
     default_tokenizer = EMBEDDED_MINILM  # the data's tokenizer for a backbone built from a config
     generative = False  # whether the data is served as instructions (plan.datamodules.encoding)
+    peft_task_type: str | None = None  # PEFT's task_type for an exported adapter (plan.export); None: the bare model
 
     def __init__(self, backbone: nn.Module, lora: LoRAConfig, lr: float, weight_decay: float) -> None:
         super().__init__()

@@ -94,6 +94,50 @@ TINY_FEDERATED_RUN = {
 }
 
 
+TINY_LLAMA_LM = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 49152,  # the embedded SmolLM2 tokenizer's, which the data is tokenised with
+}
+
+TINY_LM_SOURCE = {
+    "class_path": "plan.datamodules.SyntheticSource",
+    "init_args": {"num_classes": 4, "train_per_class": 4, "test_per_class": 2},
+}
+
+TINY_LM_RUN = {
+    **TINY_RUN,
+    "model": {
+        "class_path": "plan.language_model.ContinualLM",
+        "init_args": {"backbone_config": TINY_LLAMA_LM, "lora": {"rank": 4, "alpha": 8}, "lr": 0.01},
+    },
+    "data": {
+        "class_path": "plan.datamodules.TaskSequenceDataModule",
+        "init_args": {"source": TINY_LM_SOURCE, "classes_per_task": 2, "batch_size": 8},
+    },
+}
+
+TINY_LM_FEDERATED_RUN = {
+    **TINY_FEDERATED_RUN,
+    "model": TINY_LM_RUN["model"],
+    "data": {
+        "class_path": "plan.datamodules.FederatedDataModule",
+        "init_args": {
+            "source": TINY_LM_SOURCE,
+            "rounds": 2,
+            "num_clients": 3,
+            "clients_per_round": 2,
+            "partition": "iid",
+            "batch_size": 4,
+        },
+    },
+}
+
+
 class TinyRun:
     """Writes the tiny config (with nested overrides) under a folder and finds what a run left there."""
 
@@ -132,6 +176,18 @@ def tiny(tmp_path: Path) -> TinyRun:
 def tiny_fed(tmp_path: Path) -> TinyRun:
     """The tiny run as a federation: 6 synthetic-data clients, 4 sampled per round, 3 rounds of FedIT."""
     return TinyRun(tmp_path, TINY_FEDERATED_RUN)
+
+
+@pytest.fixture
+def tiny_lm(tmp_path: Path) -> TinyRun:
+    """The tiny run on a random 2-layer Llama trained on instructions: 2 tasks of 2 synthetic classes."""
+    return TinyRun(tmp_path, TINY_LM_RUN)
+
+
+@pytest.fixture
+def tiny_lm_fed(tmp_path: Path) -> TinyRun:
+    """The tiny language model as a federation: 3 clients, 2 sampled per round, 2 rounds of FedIT."""
+    return TinyRun(tmp_path, TINY_LM_FEDERATED_RUN)
 
 
 def task_trainer(root: Path, callbacks: list[Callback], max_epochs: int = -1) -> pl.Trainer:
