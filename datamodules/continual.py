@@ -24,7 +24,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from plan.datamodules.encoding import (
-    TAGS,
     EncodedExamples,
     InstructionExamples,
     InstructionFormat,
@@ -351,7 +350,8 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
             source's domains over one label space).
         classes_per_task: cut the seeded class order into tasks of this many classes.
         tasks: explicit class names per task instead of ``classes_per_task``; with neither, a
-            :class:`~plan.datamodules.DatasetSequence` source makes one task of each of its datasets.
+            :class:`~plan.datamodules.DatasetSequence` source makes one task of each of its datasets, and a
+            source of one class (an :class:`~plan.datamodules.InstructionSource`) one task.
         domains: domain order for ``domain_incremental`` (default: sorted domain names).
         class_order_seed: seed of the class order (1993 is the community convention).
         seed: seed of the data order; pass ``p`` of task ``t`` uses a permutation drawn from (seed, t, p).
@@ -488,10 +488,11 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
             )
             self.layout = domain_incremental_layout(classes, train.domains, self.domains)
         else:
-            per_dataset = (
-                self.tasks is None and self.classes_per_task is None and isinstance(self.source, DatasetSequence)
-            )
+            unset = self.tasks is None and self.classes_per_task is None
+            per_dataset = unset and isinstance(self.source, DatasetSequence)
             tasks = self.source.tasks() if per_dataset else self.tasks
+            if unset and len(classes) == 1:  # one dataset of free-text instructions: one task
+                tasks = [classes]
             self.layout = class_incremental_layout(
                 classes, self.scenario, self.classes_per_task, tasks, self.class_order_seed
             )

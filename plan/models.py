@@ -128,11 +128,11 @@ def load_causal_lm(name_or_path: str = EMBEDDED_SMOLLM, config: dict[str, Any] |
             model_type is not None,
             f"a causal LM config needs a 'model_type' (e.g. 'llama', 'gpt2'); got keys {sorted(config)}",
         )
-        require_decoder_only(str(model_type), f"config with model_type '{model_type}'")
+        require_decoder_only(str(model_type), "model.backbone_config")
         return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
     path = resolve_model_path(name_or_path)
     try:
-        require_decoder_only(AutoConfig.from_pretrained(path).model_type, f"model '{name_or_path}'")
+        require_decoder_only(AutoConfig.from_pretrained(path).model_type, f"model.backbone '{name_or_path}'")
         return AutoModelForCausalLM.from_pretrained(path)
     except OSError as err:
         raise FileNotFoundError(
@@ -150,8 +150,8 @@ def require_decoder_only(model_type: str, what: str) -> None:
         model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         and model_type not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
         and model_type not in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
-        f"{what} is not a decoder-only causal language model (model_type '{model_type}'); a language model "
-        f"needs one such as model_type 'llama', 'gpt2', 'mistral' or 'qwen2', e.g. '{EMBEDDED_SMOLLM}'",
+        f"{what} (model_type '{model_type}') is not a decoder-only causal language model; ContinualLM needs one "
+        f"such as model_type 'llama', 'gpt2', 'mistral' or 'qwen2', e.g. '{EMBEDDED_SMOLLM}'",
     )
 
 

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from plan.datamodules.continual import TAGS, TaskLayout
+from plan.datamodules.continual import TaskLayout
+from plan.datamodules.encoding import TAGS
 from plan.errors import ConfigError, require
 from plan.lora import LoRAConfig, LoRALinear, inject_lora, uniform_from_cpu_
 from plan.models import EMBEDDED_MINILM, Encoder, check_vocabulary, hidden_size, load_backbone
