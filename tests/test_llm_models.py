@@ -50,13 +50,13 @@ def test_an_encoder_is_refused_by_config_and_by_path(tmp_path: Path) -> None:
     valid = ["not a decoder-only causal language model", "'llama'", "'gpt2'", EMBEDDED_SMOLLM]
     with pytest.raises(ConfigError) as info:
         load_causal_lm(config=TINY_BERT)
-    for word in ["config with model_type 'bert'", *valid]:
+    for word in ["model.backbone_config (model_type 'bert')", *valid]:
         assert word in str(info.value)
     folder = tmp_path / "tiny-bert"
     load_backbone(config=TINY_BERT).save_pretrained(folder)
     with pytest.raises(ConfigError) as info:
         load_causal_lm(str(folder))
-    for word in [f"model '{folder}'", "model_type 'bert'", *valid]:
+    for word in [f"model.backbone '{folder}'", "model_type 'bert'", *valid]:
         assert word in str(info.value)
     with pytest.raises(ConfigError, match="needs a 'model_type'"):
         load_causal_lm(config={"hidden_size": 32})
