@@ -53,17 +53,21 @@ def ordered_basis(vectors: Tensor, tol: float = 1e-8) -> Tensor:
     Unlike an SVD basis, which may turn freely inside a subspace of equal singular values (rounding noise of
     another thread count is enough), it is a continuous function of the columns, so equal inputs up to
     rounding give equal bases up to rounding."""
-    basis: list[Tensor] = []
+    basis = torch.empty(vectors.shape[0], min(vectors.shape), dtype=vectors.dtype, device=vectors.device)
+    found = 0  # the first `found` columns of `basis` are filled (written in place: no re-stacking per column)
     floor = tol * (vectors.norm(dim=0).max().item() if vectors.numel() else 0.0)
     for column in vectors.T:
+        if found == basis.shape[1]:  # the whole space is spanned: every later column is dependent
+            break
         rest = column
         for _ in range(2):
-            if basis:
-                stacked = torch.stack(basis, dim=1)
-                rest = rest - stacked @ (stacked.T @ rest)
+            if found:
+                done = basis[:, :found]
+                rest = rest - done @ (done.T @ rest)
         if rest.norm() > floor:
-            basis.append(rest / rest.norm())
-    return torch.stack(basis, dim=1) if basis else vectors[:, :0]
+            basis[:, found] = rest / rest.norm()
+            found += 1
+    return basis[:, :found].clone()
 
 
 def project_out(matrix: Tensor, basis: Tensor) -> Tensor:
