@@ -69,12 +69,7 @@ def export_checkpoint(ckpt_path: str | Path, directory: str | Path) -> Path:
         )
     module = model_class(checkpoint, ckpt_path).load_from_checkpoint(ckpt_path, map_location="cpu")
     directory = Path(directory)
-    export_peft(module, directory)
-    if module.peft_task_type is not None:
-        config_file = directory / "adapter_config.json"
-        config = json.loads(config_file.read_text())
-        config["task_type"] = module.peft_task_type  # PeftModel.from_pretrained then builds the task's wrapper
-        config_file.write_text(json.dumps(config, indent=2))
+    export_peft(module, directory, task_type=module.peft_task_type)
     layout = module.layout
     tasks_trained = checkpoint.get("TaskSequenceDataModule", {}).get("tasks_trained", layout.num_tasks)
     description: dict[str, Any] = {

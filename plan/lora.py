@@ -322,6 +322,7 @@ def export_peft(
     directory: str | Path,
     base_model_name_or_path: str | None = None,
     prefix: str = "base_model.model.",
+    task_type: str | None = None,
 ) -> Path:
     """Write the current adapters (frozen stack and slot together) as one PEFT LoRA adapter.
 
@@ -330,7 +331,8 @@ def export_peft(
     scale ``alpha / r`` is 1 and ``PeftModel.from_pretrained`` reproduces this model's output.
 
     ``model`` is the adapted base model, or a plan LightningModule, whose ``backbone`` is then exported with
-    the backbone's name or folder as ``base_model_name_or_path`` (unless given).
+    the backbone's name or folder as ``base_model_name_or_path`` (unless given). ``task_type`` is PEFT's
+    (``CAUSAL_LM`` makes ``PeftModel.from_pretrained`` wrap a causal LM as such; None: the bare model).
     """
     backbone = getattr(model, "backbone", None)
     if isinstance(backbone, nn.Module):
@@ -359,7 +361,7 @@ def export_peft(
     first = next(iter(ranks.values()))
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": first,
         "lora_alpha": first,
