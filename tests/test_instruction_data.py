@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TINY_BERT
+from conftest import TINY_BERT, TINY_LLAMA_LM
 
 from plan.datamodules import DatasetSequence, InstructionSource, TaskSequenceDataModule
 from plan.datamodules.encoding import (
@@ -43,16 +43,6 @@ from plan.language_model import ContinualLM
 from plan.lora import LoRAConfig
 from plan.models import EMBEDDED_SMOLLM, load_tokenizer
 from plan.module import ContinualClassifier
-
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 49152,
-}
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +360,7 @@ def test_instruction_files_reach_the_model_rendered_by_the_chat_template(files, 
     )
     datamodule = TaskSequenceDataModule(source, batch_size=2, eval_batch_size=3)
     torch.manual_seed(0)
-    lm = ContinualLM(backbone_config=TINY_LLAMA, lora=LoRAConfig(rank=4, alpha=8))
+    lm = ContinualLM(backbone_config=TINY_LLAMA_LM, lora=LoRAConfig(rank=4, alpha=8))
     trainer = pl.Trainer(
         accelerator="cpu", precision="64-true", logger=False, enable_progress_bar=False, default_root_dir=tmp_path
     )

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import TINY_BERT
+from conftest import TINY_BERT, TINY_LLAMA_LM
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
@@ -30,15 +30,6 @@ from plan.lora import LoRAConfig, is_conv1d
 from plan.models import EMBEDDED_SMOLLM, load_causal_lm, load_tokenizer
 
 VOCAB = 49152  # SmolLM2's tokenizer
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": VOCAB,
-}
 TINY_GPT2 = {
     "model_type": "gpt2",
     "n_embd": 32,
@@ -50,7 +41,7 @@ TINY_GPT2 = {
     "eos_token_id": 2,
 }
 TINY_T5 = {"model_type": "t5", "d_model": 32, "d_ff": 64, "d_kv": 16, "num_layers": 1, "num_heads": 2}
-MODELS = pytest.mark.parametrize("config", [TINY_LLAMA, TINY_GPT2], ids=["llama", "gpt2"])
+MODELS = pytest.mark.parametrize("config", [TINY_LLAMA_LM, TINY_GPT2], ids=["llama", "gpt2"])
 
 PAIRS = [  # prompts of different lengths, each with its reference answer
     ("Name a colour.", "Blue"),
@@ -142,7 +133,7 @@ def copy_frozen_weights(plan_backbone: nn.Module, peft_model: nn.Module) -> None
 
 
 @pytest.mark.parametrize(
-    ("config", "targets"), [(TINY_LLAMA, ["q_proj", "v_proj"]), (TINY_GPT2, ["c_attn"])], ids=["llama", "gpt2"]
+    ("config", "targets"), [(TINY_LLAMA_LM, ["q_proj", "v_proj"]), (TINY_GPT2, ["c_attn"])], ids=["llama", "gpt2"]
 )
 def test_lora_forward_equals_peft_on_the_same_weights(config: dict, targets: list[str]) -> None:
     """The same frozen weights and the same non-zero A and B in plan's layers and in PEFT's (scale alpha / r):
@@ -272,7 +263,7 @@ def run_config(model: dict, data: dict) -> dict:
     }
 
 
-LM = {"class_path": "plan.language_model.ContinualLM", "init_args": {"backbone_config": TINY_LLAMA}}
+LM = {"class_path": "plan.language_model.ContinualLM", "init_args": {"backbone_config": TINY_LLAMA_LM}}
 CLASSIFIER = {"class_path": "plan.module.ContinualClassifier", "init_args": {"backbone_config": TINY_BERT}}
 
 
