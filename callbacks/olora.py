@@ -17,9 +17,14 @@ class OLoRA(TaskCallback):
     is the sum of absolute entries (``form='abs'``, the official code) or of squared entries
     (``form='squared'``, the paper). Past adapters stay frozen and all of them are active at inference, which
     is what ``TaskSequencer(adapters='stacked')`` does; a shared adapter is refused.
+
+    ``past_dropout=True`` also applies LoRA dropout (a mask of its own) to the past adapters' input, as the
+    official code does; the default applies it to the new adapter only, as plan's other methods do.
     """
 
-    def __init__(self, lambda_orth: float = 0.5, lambda_l2: float = 0.0, form: str = "abs") -> None:
+    def __init__(
+        self, lambda_orth: float = 0.5, lambda_l2: float = 0.0, form: str = "abs", past_dropout: bool = False
+    ) -> None:
         require(form in ("abs", "squared"), f"O-LoRA form must be 'abs' or 'squared', got {form!r}")
         for key, value in (("lambda_orth", lambda_orth), ("lambda_l2", lambda_l2)):
             require(
@@ -29,6 +34,7 @@ class OLoRA(TaskCallback):
         self.lambda_orth = lambda_orth
         self.lambda_l2 = lambda_l2
         self.form = form
+        self.past_dropout = past_dropout
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         sequencers = [cb for cb in trainer.callbacks if isinstance(cb, TaskSequencer)]
@@ -42,6 +48,8 @@ class OLoRA(TaskCallback):
         """Register the terms once: they read the layers' current stack and slot at every step, so they hold
         for every task, including one a run resumes in the middle of."""
         layers = list(pl_module.lora_layers.values())
+        for layer in layers:
+            layer.past_dropout = self.past_dropout
 
         def orthogonality() -> Tensor:
             return self.lambda_orth * sum(  # type: ignore[return-value]  # typeshed: an empty sum is int 0

@@ -95,6 +95,7 @@ class LoRALinear(nn.Module):
         self.register_buffer("past_A", torch.empty(0, base.in_features, **factory))
         self.register_buffer("past_B", torch.empty(base.out_features, 0, **factory))
         self.merged = False
+        self.past_dropout = False  # True: the frozen stack's input gets its own dropout mask too (O-LoRA's code)
         self.slot_enabled = True  # False drops the slot's term for this forward (CoTo's layer deactivation)
         self.active_rank = rank  # a federated client of lower rank uses the slot's first components only
         self.reset_slot()
@@ -167,23 +168,29 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``base(x) + s * dropout(x) A^T B^T`` (if the slot is enabled) ``+ x A_past^T B_past^T``, through
         :func:`plan.kernels.stacked_lora_linear` on the path ``self.kernel`` selects; the torch path runs exactly
-        these operations in this order."""
+        these operations in this order. With ``past_dropout`` the stack's input is ``dropout(x)`` with a mask of
+        its own, drawn after the slot's, as in O-LoRA's official code (one dropout module called twice)."""
         if self.merged:
             return self.base_layer(x)
         slot, r = self.slot_enabled, self.active_rank
-        return stacked_lora_linear(
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        own_past_mask = self.past_dropout and p > 0 and self.dropout.training and self.past_rank > 0
+        y = stacked_lora_linear(
             x,
             self.base_layer.weight,
             self.base_layer.bias,
             (self.lora_A if r == self.rank else self.lora_A[:r]) if slot else None,
             (self.lora_B if r == self.rank else self.lora_B[:, :r].contiguous()) if slot else None,
             self.scale,
-            self.past_A,
-            self.past_B,
-            dropout=self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0,
+            None if own_past_mask else self.past_A,
+            None if own_past_mask else self.past_B,
+            dropout=p,
             training=self.dropout.training,
             kernel=self.kernel,
         )
+        if own_past_mask:
+            y = y + self.dropout(x) @ self.past_A.T @ self.past_B.T
+        return y
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -418,3 +418,32 @@ def test_only_lora_slots_train() -> None:
     layers = inject_lora(model, lora_config(["query", "value", "dense"]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.{k}" for n in layers for k in ("lora_A", "lora_B")}
+
+
+@pytest.mark.parametrize("past_dropout", [False, True])
+def test_dropout_reaches_the_frozen_stack_only_with_past_dropout(past_dropout: bool, gen: torch.Generator) -> None:
+    """O-LoRA's official layer calls one dropout module for the old adapters and again for the new one, so each
+    gets its own mask; plan's default drops the slot's input only. Checked against a plain-torch formula that
+    draws the masks in the same order (slot first), and in eval mode against no dropout at all."""
+    base = nn.Linear(HIDDEN, HIDDEN)
+    layer = LoRALinear(base, RANK, ALPHA, dropout=0.5, kernel="torch")
+    for _ in range(2):  # two finished adapters in the stack, then a live slot
+        nn.init.normal_(layer.lora_B, generator=gen)
+        layer.freeze_slot()
+        layer.reset_slot(gen)
+    nn.init.normal_(layer.lora_B, generator=gen)
+    layer.past_dropout = past_dropout
+    x = torch.randn(3, 5, HIDDEN, generator=gen)
+    A, B, s = layer.lora_A.detach(), layer.lora_B.detach(), ALPHA / RANK
+    base_out = base(x).detach()
+
+    torch.manual_seed(7)
+    out = layer.train()(x).detach()
+    torch.manual_seed(7)
+    slot_input = torch.nn.functional.dropout(x, 0.5, True)
+    past_input = torch.nn.functional.dropout(x, 0.5, True) if past_dropout else x
+    expected = base_out + s * (slot_input @ A.T @ B.T) + past_input @ layer.past_A.T @ layer.past_B.T
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
+
+    plain = base_out + s * (x @ A.T @ B.T) + x @ layer.past_A.T @ layer.past_B.T
+    torch.testing.assert_close(layer.eval()(x).detach(), plain, atol=ATOL, rtol=RTOL)

@@ -23,7 +23,7 @@ from plan.callbacks import (
 from plan.callbacks.coto import activation_probability, layer_groups
 from plan.cli import run_cli
 from plan.datamodules import DataSource, Examples, SyntheticSource, TaskSequenceDataModule
-from plan.lora import LoRAConfig
+from plan.lora import LoRAConfig, LoRALinear
 from plan.module import ContinualClassifier
 from plan.subspace import expand_memory, interference_scores, orthogonality_penalty, random_orthonormal, select_lowest
 
@@ -432,3 +432,11 @@ def test_ordered_basis_spans_the_columns_and_does_not_turn_with_rounding():
     torch.testing.assert_close(basis @ basis.T, svd @ svd.T, atol=1e-12, rtol=0)  # the same subspace
     nudged = ordered_basis(projected + 1e-12 * torch.randn(32, 32, generator=g, dtype=torch.float64))
     assert (nudged - basis).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("past_dropout", [False, True])
+def test_olora_sets_the_past_adapters_dropout_on_every_layer(past_dropout: bool) -> None:
+    layers = {name: LoRALinear(nn.Linear(6, 6), 2, 4.0, dropout=0.1) for name in ("a", "b")}
+    module = SimpleNamespace(lora_layers=layers, register_loss_term=lambda name, term: None)
+    OLoRA(past_dropout=past_dropout).on_fit_start(None, module)  # type: ignore[arg-type]
+    assert [layer.past_dropout for layer in layers.values()] == [past_dropout, past_dropout]
