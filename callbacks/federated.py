@@ -45,6 +45,10 @@ class FederatedRounds(Callback):
             :class:`plan.aggregation.AggregationRule` (e.g. ``LoRAFAIR(lam=0.01, steps=1000)``).
         client_ranks: LoRA rank per client, assigned cyclically (client ``k`` gets ``client_ranks[k % len]``);
             each at most the model's ``lora.rank``. Default: every client uses the model's rank.
+        client_scale: the LoRA scale a client of rank ``r_k`` trains with: ``run`` (the run's ``alpha / rank``,
+            so ranks differ only in how many components train) or ``rank`` (``alpha / r_k``, FlexLoRA's official
+            code). Either way the server sees every update as the weight change it makes (``s_k B_k A_k``), so
+            the rules aggregate the same quantity; only the clients' training dynamics differ.
         train_A: whether clients train the down-projection ``A``; default: the rule's choice (FFA-LoRA: no).
         dropout_prob: chance that a sampled client never replies (seeded per round and client).
         norm_ratio: an update whose norm exceeds this multiple of the round's median is excluded.
@@ -55,6 +59,7 @@ class FederatedRounds(Callback):
         self,
         aggregation: str | AggregationRule = "fedit",
         client_ranks: list[int] | None = None,
+        client_scale: str = "run",
         train_A: bool | None = None,
         dropout_prob: float = 0.0,
         norm_ratio: float = 10.0,
@@ -66,12 +71,15 @@ class FederatedRounds(Callback):
                 f"aggregation {self.rule.name!r} keeps A frozen at its shared init (that is what makes it exact); "
                 "train_A=True contradicts it: drop train_A or choose a rule that trains A (fedit, lora_fair, flexlora, flora)"
             )
+        if client_scale not in ("run", "rank"):
+            raise ValueError(f"client_scale must be 'run' or 'rank', got {client_scale!r}")
         if not 0 <= dropout_prob < 1:
             raise ValueError(f"dropout_prob must be in [0, 1), got {dropout_prob}")
         if norm_ratio <= 1:
             raise ValueError(f"norm_ratio must be > 1, got {norm_ratio}")
         self.train_A = self.rule.trains_A if train_A is None else train_A
         self.client_ranks = client_ranks
+        self.client_scale = client_scale
         self.dropout_prob = dropout_prob
         self.norm_ratio = norm_ratio
         self.seed = seed
@@ -108,6 +116,10 @@ class FederatedRounds(Callback):
 
     def client_rank(self, client: int, default: int) -> int:
         return self.client_ranks[client % len(self.client_ranks)] if self.client_ranks else default
+
+    def scale_ratio(self, client: int, rank: int) -> float:
+        """``s_k / s``: the client's LoRA scale over the run's (1 unless ``client_scale='rank'``)."""
+        return rank / self.client_rank(client, rank) if self.client_scale == "rank" else 1.0
 
     @property
     def server_state(self) -> GlobalState:
@@ -161,19 +173,26 @@ class FederatedRounds(Callback):
         self.current_client, self.client_first_batch = client, batch_idx
         self._load(pl_module, self.server_state)
         self._set_active_rank(pl_module, client)
+        ratio = self.scale_ratio(client, pl_module.lora_config.rank)
+        with torch.no_grad():  # the client starts from the global weight change: s_k B_k = s B
+            for layer in pl_module.lora_layers.values():
+                layer.lora_B.div_(ratio)
         for optimizer in trainer.optimizers:
             optimizer.state.clear()
 
     def _set_active_rank(self, pl_module: pl.LightningModule, client: int) -> None:
-        rank = self.client_rank(client, pl_module.lora_config.rank)
+        """The client's rank and LoRA scale on every layer."""
+        config = pl_module.lora_config
+        rank, scale = self.client_rank(client, config.rank), config.scale * self.scale_ratio(client, config.rank)
         for layer in pl_module.lora_layers.values():
-            layer.active_rank = rank
+            layer.active_rank, layer.scale = rank, scale
 
     def _finish_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         client = self.current_client
         assert client is not None  # called only while a client trains
         rank = self.client_rank(client, pl_module.lora_config.rank)
-        adapters = {name: (a[:rank], b[:, :rank]) for name, (a, b) in self._read_slots(pl_module).items()}
+        ratio = self.scale_ratio(client, pl_module.lora_config.rank)  # uploads in the run's scale: s B = s_k B_k
+        adapters = {name: (a[:rank], b[:, :rank] * ratio) for name, (a, b) in self._read_slots(pl_module).items()}
         update = ClientUpdate(client, trainer.datamodule.client_sizes[client], adapters, self._read_head(pl_module))
         self.round_updates.append(update)
         self.current_client = None
@@ -270,7 +289,7 @@ class FederatedRounds(Callback):
             a, b = state.adapters[name]
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
-            layer.active_rank = layer.rank
+            layer.active_rank, layer.scale = layer.rank, pl_module.lora_config.scale
         for name, p in pl_module.head_parameters().items():
             p.copy_(state.head[name])
 

@@ -7,14 +7,18 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
 
-from plan.aggregation import ClientUpdate, client_weights, flexlora, ideal_update, make_rule
+from plan.aggregation import ClientUpdate, GlobalState, client_weights, flexlora, ideal_update, make_rule
+from plan.callbacks import FederatedRounds
 from plan.cli import run_cli
+from plan.lora import LoRAConfig, LoRALinear
 
 RULE_CALLBACK = "trainer__callbacks"
 
@@ -344,3 +348,39 @@ def test_the_python_api_refuses_checkpoints_of_another_scenario_or_federation(ti
         cli = run_cli(["--config", str(config)], run=False)
         with pytest.raises(ValueError, match=message):
             cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=str(checkpoint / "last.ckpt"))
+
+
+@pytest.mark.parametrize("client_scale", ["run", "rank"])
+def test_a_client_of_lower_rank_starts_from_the_global_change_and_uploads_its_own(client_scale: str) -> None:
+    """A rank-2 client of a rank-4 run (alpha 8): with ``client_scale='rank'`` it trains at scale alpha / 2 = 4
+    (FlexLoRA's official code) instead of 2. Either way its layer starts out computing the global adapter's
+    first 2 components at the run's scale, and its upload, read at the run's scale, is the weight change the
+    client's own layer makes."""
+    g = torch.Generator().manual_seed(0)
+    config = LoRAConfig(rank=4, alpha=8.0)
+    layer = LoRALinear(nn.Linear(6, 5), config.rank, config.alpha)
+    module = SimpleNamespace(lora_layers={"q": layer}, lora_config=config, head_parameters=dict)
+    trainer = SimpleNamespace(optimizers=[], datamodule=SimpleNamespace(client_sizes=[3, 3]))
+    rounds = FederatedRounds(aggregation="flexlora", client_ranks=[4, 2], client_scale=client_scale)
+    a_g, b_g = torch.randn(4, 6, generator=g), torch.randn(5, 4, generator=g)
+    rounds.global_state = GlobalState({"q": (a_g, b_g)}, {})
+    x = torch.randn(7, 6, generator=g)
+
+    rounds._start_client(trainer, module, client=1, batch_idx=0)
+    expected_scale = 4.0 if client_scale == "rank" else 2.0
+    assert layer.active_rank == 2 and layer.scale == expected_scale
+    base = layer.base_layer(x).detach()
+    torch.testing.assert_close(layer(x).detach() - base, 2.0 * x @ a_g[:2].T @ b_g[:, :2].T)
+
+    with torch.no_grad():  # local training moves the slot
+        layer.lora_A.add_(0.1 * torch.randn(4, 6, generator=g))
+        layer.lora_B.add_(0.1 * torch.randn(5, 4, generator=g))
+    change = (layer(x) - layer.base_layer(x)).detach()
+    rounds._finish_client(trainer, module)
+    (upload,) = rounds.round_updates
+    a_up, b_up = upload.adapters["q"]
+    assert a_up.shape == (2, 6) and b_up.shape == (5, 2)
+    torch.testing.assert_close(change, 2.0 * x @ a_up.T @ b_up.T)
+
+    rounds._load(module, rounds.global_state)  # the server's model is back at the run's rank and scale
+    assert layer.active_rank == 4 and layer.scale == 2.0
