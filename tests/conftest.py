@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -205,3 +209,10 @@ def task_trainer(root: Path, callbacks: list[Callback], max_epochs: int = -1) ->
         default_root_dir=root,
         callbacks=callbacks,
     )
+
+
+def plan_in_processes(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The ``plan`` command in a child process (a DDP run launches its own workers), warnings silenced."""
+    command = shutil.which("plan") or f"{sys.executable} -m plan.cli"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([*command.split(), *args], capture_output=True, text=True, env=env, timeout=timeout)

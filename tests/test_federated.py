@@ -3,14 +3,11 @@ heterogeneous ranks and bad input."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import plan_in_processes
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -318,11 +315,7 @@ def test_ddp_shards_clients_and_aggregates_like_one_process(tiny_fed):
     callbacks[0]["init_args"]["aggregation"] = {"class_path": "plan.aggregation.LoRAFAIR", "init_args": {"steps": 50}}
     fit(tiny_fed.config("single", **{RULE_CALLBACK: callbacks}))
     config = tiny_fed.config("ddp", trainer__strategy="ddp", trainer__devices=2, **{RULE_CALLBACK: callbacks})
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    plan = shutil.which("plan") or f"{sys.executable} -m plan.cli"
-    result = subprocess.run(
-        [*plan.split(), "fit", "--config", str(config)], capture_output=True, text=True, env=env, timeout=600
-    )
+    result = plan_in_processes("fit", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     single, ddp = tiny_fed.last("single"), tiny_fed.last("ddp")
     for key, value in single["state_dict"].items():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_LLAMA_LM, TINY_LM_FEDERATED_RUN, TINY_LM_RUN, TinyRun
+from conftest import TINY_LLAMA_LM, TINY_LM_FEDERATED_RUN, TINY_LM_RUN, TinyRun, plan_in_processes
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_resume import assert_identical, kill_and_resume
 
@@ -364,3 +364,21 @@ def test_export_refuses_a_random_language_model_and_a_foreign_class(tiny_lm: Tin
         model_class({"plan_model": "pathlib.Path"}, "c")
     with pytest.raises(ConfigError, match="'plan.nothing.Model' cannot be imported"):
         model_class({"plan_model": "plan.nothing.Model"}, "c")
+
+
+@pytest.mark.slow
+def test_federated_instruction_tuning_on_two_ddp_processes_ends_as_one_process(tiny_lm_fed):
+    """FedIT's setting over DDP: 2 CPU processes (gloo) train different clients of the language model, gather
+    the uploads at each round end, and end with the single process's global adapters and client store."""
+    fit(tiny_lm_fed.config("single"))
+    result = plan_in_processes(
+        "fit", "--config", str(tiny_lm_fed.config("ddp", trainer__strategy="ddp", trainer__devices=2))
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, ddp = tiny_lm_fed.last("single"), tiny_lm_fed.last("ddp")
+    assert single["state_dict"].keys() == ddp["state_dict"].keys()
+    for key, value in single["state_dict"].items():
+        torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-5, atol=1e-6)
+    assert sorted(ddp["callbacks"]["FederatedRounds"]["clients"]) == sorted(
+        single["callbacks"]["FederatedRounds"]["clients"]
+    )
