@@ -35,6 +35,7 @@ from plan.callbacks.sequencer import run_seed
 from plan.callbacks.subspace_memory import SubspaceMemory
 from plan.errors import require
 from plan.seeding import step_seed
+from plan.sharding import full_tensor
 from plan.subspace import (
     interference_scores,
     minor_weight_directions,
@@ -101,7 +102,7 @@ class PLAN(SubspaceMemory):
         if self.pool_kind == "random":
             return random_orthonormal(layer.in_features, size, generator)
         if self.pool_kind == "weight_minor":
-            return minor_weight_directions(layer.base_layer.weight, size)
+            return minor_weight_directions(full_tensor(layer.base_layer.weight), size)
         return top_directions(covariance, size)
 
     def select(self, candidates: Tensor, old: Tensor, new: Tensor, rank: int, generator: torch.Generator) -> Tensor:

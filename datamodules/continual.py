@@ -202,6 +202,18 @@ def eval_shard(indices: list[int], rank: int, world_size: int) -> list[int]:
     return indices[rank * len(indices) // world_size : (rank + 1) * len(indices) // world_size]
 
 
+def eval_batches(indices: list[int], batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's batches of an evaluation set: its :func:`eval_shard`, cut into as many batches as every other
+    rank's, since sharded ranks (FSDP) run each forward pass together. The count is the smallest share's, so the
+    last batch of a share one example larger may hold ``batch_size + 1``; one process gets plain chunks."""
+    shard = eval_shard(indices, rank, world_size)
+    count = max(1, -(-(len(indices) // world_size) // batch_size))
+    if not shard:
+        return []
+    last = (count - 1) * batch_size
+    return [shard[start : start + batch_size] for start in range(0, last, batch_size)] + [shard[last:]]
+
+
 class SkipFirst(Sampler[list]):
     """A batch sampler whose next pass leaves out its first ``skip`` batches (then ``skip`` returns to 0)."""
 
@@ -573,8 +585,7 @@ class TaskSequenceDataModule(Predictions, pl.LightningDataModule):
         if shuffle:
             sampler = ShardedBatchSampler(indices, batch_size, seed, passes, True, rank, world)
             return ResumableLoader(dataset, sampler, self.trainer, **options)
-        sampler = ShardedBatchSampler(eval_shard(indices, rank, world), batch_size, seed, passes, False)
-        return DataLoader(dataset, batch_sampler=sampler, **options)
+        return DataLoader(dataset, batch_sampler=eval_batches(indices, batch_size, rank, world), **options)
 
     @property
     def current_stage(self) -> int:

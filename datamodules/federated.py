@@ -23,10 +23,9 @@ from plan.datamodules.continual import (
     PREDICT_SPLITS,
     Predictions,
     ResumableLoader,
-    ShardedBatchSampler,
     TaskLayout,
     check_loader_settings,
-    eval_shard,
+    eval_batches,
     free_text_tasks,
     hold_out,
     load_splits,
@@ -356,15 +355,8 @@ class FederatedDataModule(Predictions, pl.LightningDataModule):
 
     def _eval_loader(self, examples: EncodedExamples | InstructionExamples) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        sampler = ShardedBatchSampler(
-            eval_shard(list(range(len(examples))), rank, world), self.eval_batch_size, 0, shuffle=False
-        )
-        return DataLoader(
-            examples,
-            batch_sampler=sampler,
-            collate_fn=self.collate_fn,
-            num_workers=self.num_workers,
-        )
+        batches = eval_batches(list(range(len(examples))), self.eval_batch_size, rank, world)
+        return DataLoader(examples, batch_sampler=batches, collate_fn=self.collate_fn, num_workers=self.num_workers)
 
     # -- checkpoints --------------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from plan.checkpoints import (
     settings_source,
 )
 from plan.errors import ConfigError
+from plan.sharding import require_supported_strategy  # also registers trainer.strategy 'fsdp2'
 
 TRAINER_DEFAULTS = {
     "max_epochs": -1,  # TaskSequencer sets it to the number of tasks
@@ -168,6 +169,7 @@ class PlanCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        require_supported_strategy(config.trainer.get("strategy"))  # before Lightning checks devices or launches
         if config.trainer.get("enable_progress_bar") is not False:  # a bar that names the task or round
             self.trainer_defaults: dict[str, Any] = {**self.trainer_defaults, "callbacks": [StageProgressBar()]}
         trainer = super().instantiate_trainer(**kwargs)

@@ -23,6 +23,7 @@ from plan.datamodules.encoding import TAGS
 from plan.errors import ConfigError, require
 from plan.lora import LoRAConfig, LoRALinear, inject_lora, uniform_from_cpu_
 from plan.models import EMBEDDED_MINILM, Encoder, check_vocabulary, hidden_size, load_backbone
+from plan.sharding import is_sharding, require_supported_strategy, shard_backbone
 
 LORA_KEYS = ("lora_A", "lora_B", "past_A", "past_B")
 NON_INPUT_KEYS = ("labels", *TAGS)  # batch entries that are not model inputs
@@ -176,6 +177,27 @@ class AdaptedModule(pl.LightningModule):
     @property
     def head_lr(self) -> float:
         return self.lr
+
+    # -- sharding -----------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Under :class:`plan.sharding.FSDP2Strategy`, shard the frozen backbone block by block over the
+        data-parallel processes, keeping the LoRA slots (and the head, outside the backbone) whole and replicated,
+        so that method callbacks read and write them as under any other strategy. Other strategies keep the model
+        whole; a sharding strategy plan cannot train with is refused."""
+        strategy = self.trainer.strategy
+        require_supported_strategy(strategy)
+        if is_sharding(strategy):
+            backbone = self.hparams.get("backbone")
+            named = isinstance(backbone, str) and self.hparams.get("backbone_config") is None
+            name = repr(backbone) if named else "(built from backbone_config or given as a module)"
+            adapters = {  # the slots, frozen or not, and whatever else a LoRA layer holds beside its base layer
+                p
+                for layer in self._lora_layers.values()
+                for key, p in layer.named_parameters()
+                if not key.startswith("base_layer.")
+            }
+            shard_backbone(self.backbone, self.device_mesh["data_parallel"], adapters, name)
 
     # -- checkpoints: adapters and head only --------------------------------------------------------------
 
