@@ -185,6 +185,8 @@ class AdaptedModule(pl.LightningModule):
         data-parallel processes, keeping the LoRA slots (and the head, outside the backbone) whole and replicated,
         so that method callbacks read and write them as under any other strategy. Other strategies keep the model
         whole; a sharding strategy plan cannot train with is refused."""
+        if self._trainer is None:  # load_from_checkpoint builds the model outside any run: nothing to shard
+            return
         strategy = self.trainer.strategy
         require_supported_strategy(strategy)
         if is_sharding(strategy):

@@ -168,7 +168,7 @@ def test_gradcheck_torch_path() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the benchmark would run")
 def test_benchmark_refuses_without_a_gpu() -> None:
     """The benchmark prints no CPU figures: without CUDA it explains itself and exits with status 2."""
-    child = subprocess.run([sys.executable, "benchmarks/kernels.py"], cwd=ROOT, capture_output=True, text=True)
+    child = subprocess.run([sys.executable, "benchmarks/kernel_speed.py"], cwd=ROOT, capture_output=True, text=True)
     assert child.returncode == 2 and "no CUDA device" in child.stderr and "--smoke" in child.stderr
     assert child.stdout == ""
 
@@ -252,10 +252,10 @@ def test_kernels_compile_for_nvidia_gpus(
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETING, reason="needs triton; sets TRITON_INTERPRET itself")
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
 def test_benchmark_smoke_run(tmp_path: Path) -> None:
-    """``benchmarks/kernels.py --smoke`` runs every variant end to end under the interpreter, and the fused
+    """``benchmarks/kernel_speed.py --smoke`` runs every variant end to end under the interpreter, and the fused
     layer agrees with eager."""
     out = tmp_path / "smoke.json"
-    command = [sys.executable, "benchmarks/kernels.py", "--smoke", "--json", str(out)]
+    command = [sys.executable, "benchmarks/kernel_speed.py", "--smoke", "--json", str(out)]
     child = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert child.returncode == 0, (child.stdout + child.stderr)[-4000:]
     records = json.loads(out.read_text())["records"]

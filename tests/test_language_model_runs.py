@@ -377,8 +377,8 @@ def test_federated_instruction_tuning_on_two_ddp_processes_ends_as_one_process(t
     assert result.returncode == 0, result.stderr[-3000:]
     single, ddp = tiny_lm_fed.last("single"), tiny_lm_fed.last("ddp")
     assert single["state_dict"].keys() == ddp["state_dict"].keys()
-    for key, value in single["state_dict"].items():
-        torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-5, atol=1e-6)
+    for key, value in single["state_dict"].items():  # float32 sums in another order per process: 1.2e-6 seen
+        torch.testing.assert_close(ddp["state_dict"][key], value, rtol=0, atol=1e-5, msg=key)
     assert sorted(ddp["callbacks"]["FederatedRounds"]["clients"]) == sorted(
         single["callbacks"]["FederatedRounds"]["clients"]
     )

@@ -12,10 +12,10 @@ more; the last column says whether each shape meets it.
 
 Usage::
 
-    python benchmarks/kernels.py                                  # hidden 768/4096 x rank 8/16/64 x tokens 4k/16k/64k, bf16
-    python benchmarks/kernels.py --json benchmarks/kernels_gpu.json
-    python benchmarks/kernels.py --hidden 768 --ranks 16 --tokens 16384 --dropout 0.0 0.05 --compile-mode default
-    python benchmarks/kernels.py --smoke                          # no GPU: a tiny shape under TRITON_INTERPRET=1
+    python benchmarks/kernel_speed.py                                  # hidden 768/4096 x rank 8/16/64 x tokens 4k/16k/64k, bf16
+    python benchmarks/kernel_speed.py --json benchmarks/kernels_gpu.json
+    python benchmarks/kernel_speed.py --hidden 768 --ranks 16 --tokens 16384 --dropout 0.0 0.05 --compile-mode default
+    python benchmarks/kernel_speed.py --smoke                          # no GPU: a tiny shape under TRITON_INTERPRET=1
 
 Without a CUDA device the script refuses (exit status 2) rather than print CPU numbers; ``--smoke`` runs a
 tiny shape through the same code under the Triton interpreter to check the script itself, and its timings
@@ -251,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.smoke and not torch.cuda.is_available():
         print(
-            "benchmarks/kernels.py times GPU kernels and no CUDA device is visible, so it reports nothing here "
+            "benchmarks/kernel_speed.py times GPU kernels and no CUDA device is visible, so it reports nothing here "
             "(CPU timings of Triton kernels would be interpreter timings). Run it on a GPU; "
-            "`python benchmarks/kernels.py --smoke` checks the script on the CPU.",
+            "`python benchmarks/kernel_speed.py --smoke` checks the script on the CPU.",
             file=sys.stderr,
         )
         return 2
