@@ -2,6 +2,7 @@
 
     python benchmarks/federated.py accuracy            # 5 rules + centralised, alpha 0.5 and 0.1, 3 seeds
     python benchmarks/federated.py accuracy --llm      # the same for SmolLM2 on Reuters R8, alpha 0.5 (about 60 min)
+    python benchmarks/federated.py accuracy --domain --rules fedit lora_fair   # one domain per client (LoRA-FAIR)
     python benchmarks/federated.py cosine              # each round's global update vs the ideal, per rule
     python benchmarks/federated.py overhead            # a round's time / the same local steps run plainly
     python benchmarks/federated.py memory              # peak RSS and client-store bytes at 10 vs 100 clients
@@ -92,10 +93,15 @@ def fit(config: Path, *args: str) -> RoundRecorder:
 # -- accuracy ---------------------------------------------------------------------------------------------
 
 
-def accuracy_run(rule: str, alpha: float, seed: int, configs: Path = CONFIGS) -> dict:
+def accuracy_run(rule: str, alpha: float | None, seed: int, configs: Path = CONFIGS, domain: bool = False) -> dict:
+    """One run; ``domain``: 20 Newsgroups' 4-domain split (label: comp / rec / sci / talk; domain: which
+    sub-group of each), each client holding one domain only (``alpha`` None: no label skew inside it)."""
     args = ["--seed_everything", str(seed), "--data.init_args.seed", str(seed)]
+    if domain:
+        args += ["--data.init_args.source.init_args.labels", "domain"]
     if rule != "centralised":
-        args += ["--data.init_args.alpha", str(alpha)]
+        args += ["--data.init_args.alpha", "null" if alpha is None else str(alpha)]
+        args += ["--data.init_args.partition", "domain"] if domain else []
     start = time.perf_counter()
     recorder = fit(configs / f"{rule}.yaml", *args)
     return {
@@ -104,21 +110,25 @@ def accuracy_run(rule: str, alpha: float, seed: int, configs: Path = CONFIGS) ->
         "seed": seed,
         "acc": recorder.accuracy[-1],
         "curve": recorder.accuracy,
+        "cosine_to_ideal": recorder.cosine,
         "wall_s": time.perf_counter() - start,
     }
 
 
 def accuracy(args: argparse.Namespace) -> None:
+    if args.domain and args.llm:
+        raise SystemExit("--domain is the classifier's 20 Newsgroups split; it does not combine with --llm")
     configs = LLM_CONFIGS if args.llm else CONFIGS
-    alphas = args.alphas or ([0.5] if args.llm else [0.5, 0.1])
-    out = args.out or ROOT / "benchmarks" / ("llm_federated.jsonl" if args.llm else "federated.jsonl")
+    alphas: list[float | None] = [None] if args.domain else args.alphas or ([0.5] if args.llm else [0.5, 0.1])
+    name = "llm_federated" if args.llm else "federated_domain" if args.domain else "federated"
+    out = args.out or ROOT / "benchmarks" / f"{name}.jsonl"
     jobs = [("centralised", 0.0, s) for s in args.seeds] + [
         (r, a, s) for a in alphas for s in args.seeds for r in args.rules
     ]
     describe = lambda r: (
         f"{r['rule']} alpha {r['alpha']} seed {r['seed']}: acc {r['acc']:.3f} curve {[round(a, 3) for a in r['curve']]} ({r['wall_s']:.0f} s)"
     )
-    run = functools.partial(accuracy_run, configs=configs)
+    run = functools.partial(accuracy_run, configs=configs, domain=args.domain)
     done = run_missing(out, jobs, ("rule", "alpha", "seed"), run, describe)
     central = [r["acc"] for r in done if r["rule"] == "centralised"]
     rounds = yaml.safe_load((configs / "fedit.yaml").read_text())["data"]["init_args"]["rounds"]
@@ -127,6 +137,19 @@ def accuracy(args: argparse.Namespace) -> None:
     for rule in args.rules:
         cells = [stat([r["acc"] for r in done if r["rule"] == rule and r["alpha"] == a]) for a in alphas]
         print(f"{rule:<12}" + "".join(f"{c:>20}" for c in cells))
+    print("\npaired difference to FedIT (same seed), mean +- std over seeds")
+    for rule in (r for r in args.rules if r != "fedit"):
+        cells = [stat(paired_differences(done, rule, "fedit", a)) for a in alphas]
+        print(f"{rule:<12}" + "".join(f"{c:>20}" for c in cells))
+
+
+def paired_differences(done: list[dict], rule: str, baseline: str, alpha: float | None) -> list[float]:
+    by_seed = {(r["rule"], r["seed"]): r["acc"] for r in done if r["alpha"] == alpha}
+    return [
+        acc - by_seed[(baseline, seed)]
+        for (name, seed), acc in by_seed.items()
+        if name == rule and (baseline, seed) in by_seed
+    ]
 
 
 def stat(values: list[float]) -> str:
@@ -352,6 +375,11 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument(
         "--llm", action="store_true", help="the language model: configs/llm/<rule>.yaml (SmolLM2, Reuters R8)"
+    )
+    p.add_argument(
+        "--domain",
+        action="store_true",
+        help="feature non-IID as in LoRA-FAIR: one 20 Newsgroups domain per client (results: federated_domain.jsonl)",
     )
     p.add_argument("--out", type=Path, help="results (default benchmarks/federated.jsonl; --llm: llm_federated.jsonl)")
     p = sub.add_parser("cosine")
