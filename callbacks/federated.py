@@ -5,11 +5,16 @@ model's LoRA slots (the same ``Parameter`` objects all run), trains with a fresh
 copy of its factors on the CPU; at the round end the copies are screened for faults, gathered from every rank,
 and combined by a rule from :mod:`plan.aggregation`. Memory therefore grows by one adapter per client, never by
 one model.
+
+The two sides of a round are classes of their own, :class:`ClientTraining` (a client's start, step seeds and
+upload) and :class:`FederationServer` (screening, aggregation, the FLoRA merge, the client store), so that a
+real federation over Flower (:mod:`plan.flower`) runs the very same code in separate processes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import lightning.pytorch as pl
 import numpy as np
@@ -35,6 +40,229 @@ from plan.datamodules.federated import IDLE_CLIENT
 from plan.seeding import reseed, step_seed
 
 DROPOUT_STREAM, REINIT_STREAM, STEP_STREAM = 1, 2, 3  # what a seed drawn for (round, client) is for
+DROPPED = "dropped out (no reply)"
+
+
+def local_step_seed(seed: int, round_index: int, client: int, local_step: int) -> int:
+    """The seed of a client's ``local_step``-th step in a round: the same on any rank, process or machine, and
+    whether or not the run was resumed in between."""
+    return step_seed(seed, round_index, client, STEP_STREAM, local_step)
+
+
+# -- model <-> server state ---------------------------------------------------------------------------------
+
+
+def read_slots(pl_module: pl.LightningModule) -> dict[str, tuple[Tensor, Tensor]]:
+    """Every LoRA slot's ``(A, B)``, copied to the CPU."""
+    return {
+        name: (layer.lora_A.detach().cpu().clone(), layer.lora_B.detach().cpu().clone())
+        for name, layer in pl_module.lora_layers.items()
+    }
+
+
+def read_head(pl_module: pl.LightningModule) -> dict[str, Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in pl_module.head_parameters().items()}
+
+
+@torch.no_grad()
+def load_state(pl_module: pl.LightningModule, state: GlobalState) -> None:
+    """Copy the global adapters and head into the model (in place: the parameters keep their identity)."""
+    for name, layer in pl_module.lora_layers.items():
+        a, b = state.adapters[name]
+        layer.lora_A.copy_(a)
+        layer.lora_B.copy_(b)
+        layer.active_rank, layer.scale = layer.rank, pl_module.lora_config.scale
+    for name, p in pl_module.head_parameters().items():
+        p.copy_(state.head[name])
+
+
+# -- the client's side of a round ---------------------------------------------------------------------------
+
+
+class ClientTraining:
+    """A client's part of a round, whether it is simulated inside one ``fit`` or a real Flower client.
+
+    A client of rank ``r_k`` starts from the first ``r_k`` components of the global adapter at its own scale
+    with its optimizer state cleared, and uploads its factors read at the run's scale, so that the server sees
+    every update as the weight change it makes.
+
+    Args:
+        client_ranks, client_scale: as :class:`FederatedRounds`.
+    """
+
+    def __init__(self, client_ranks: list[int] | None = None, client_scale: str = "run") -> None:
+        if client_scale not in ("run", "rank"):
+            raise ValueError(f"client_scale must be 'run' or 'rank', got {client_scale!r}")
+        self.client_ranks, self.client_scale = client_ranks, client_scale
+
+    def client_rank(self, client: int, default: int) -> int:
+        return self.client_ranks[client % len(self.client_ranks)] if self.client_ranks else default
+
+    def scale_ratio(self, client: int, rank: int) -> float:
+        """``s_k / s``: the client's LoRA scale over the run's (1 unless ``client_scale='rank'``)."""
+        return rank / self.client_rank(client, rank) if self.client_scale == "rank" else 1.0
+
+    def start(
+        self,
+        pl_module: pl.LightningModule,
+        optimizers: Iterable[torch.optim.Optimizer],
+        state: GlobalState,
+        client: int,
+    ) -> None:
+        """Load the global state into the model at the client's rank and scale; clear the optimizer state."""
+        load_state(pl_module, state)
+        self.set_active_rank(pl_module, client)
+        ratio = self.scale_ratio(client, pl_module.lora_config.rank)
+        with torch.no_grad():  # the client starts from the global weight change: s_k B_k = s B
+            for layer in pl_module.lora_layers.values():
+                layer.lora_B.div_(ratio)
+        for optimizer in optimizers:
+            optimizer.state.clear()
+
+    def set_active_rank(self, pl_module: pl.LightningModule, client: int) -> None:
+        """The client's rank and LoRA scale on every layer."""
+        config = pl_module.lora_config
+        rank, scale = self.client_rank(client, config.rank), config.scale * self.scale_ratio(client, config.rank)
+        for layer in pl_module.lora_layers.values():
+            layer.active_rank, layer.scale = rank, scale
+
+    def finish(self, pl_module: pl.LightningModule, client: int, num_samples: int) -> ClientUpdate:
+        """The client's upload: its first ``r_k`` components, in the run's scale (``s B = s_k B_k``)."""
+        rank = self.client_rank(client, pl_module.lora_config.rank)
+        ratio = self.scale_ratio(client, pl_module.lora_config.rank)
+        adapters = {name: (a[:rank], b[:, :rank] * ratio) for name, (a, b) in read_slots(pl_module).items()}
+        return ClientUpdate(client, num_samples, adapters, read_head(pl_module))
+
+
+# -- the server's side of a round ---------------------------------------------------------------------------
+
+
+class FederationServer:
+    """The server's part of the rounds, whether they are simulated inside one ``fit`` or run over Flower.
+
+    It holds the global adapters and head, every client's last aggregated upload, the rounds closed and their
+    history. At a round end it screens the replies for faults, aggregates the rest by the rule, merges what the
+    rule merges into the global model's frozen stack, and redraws the slot when the rule says so; the global
+    model (any module with ``lora_layers``, ``lora_config`` and ``head_parameters``) then holds the new state.
+
+    Args:
+        rule, dropout_prob, norm_ratio, seed: as :class:`FederatedRounds`.
+    """
+
+    def __init__(
+        self,
+        rule: str | AggregationRule = "fedit",
+        dropout_prob: float = 0.0,
+        norm_ratio: float = 10.0,
+        seed: int | None = None,
+    ) -> None:
+        if not 0 <= dropout_prob < 1:
+            raise ValueError(f"dropout_prob must be in [0, 1), got {dropout_prob}")
+        if norm_ratio <= 1:
+            raise ValueError(f"norm_ratio must be > 1, got {norm_ratio}")
+        self.rule = make_rule(rule)
+        self.dropout_prob, self.norm_ratio, self.seed = dropout_prob, norm_ratio, seed
+        self.global_state: GlobalState | None = None
+        self.clients: dict[int, ClientUpdate] = {}  # each client's last aggregated upload, on the CPU
+        self.rounds_closed = 0
+        self.last_round: dict = {}
+        self.history: list[dict] = []  # one row per closed round: its last_round and the global accuracy
+
+    @property
+    def server_state(self) -> GlobalState:
+        """The global adapters and head: set at the start, or by a checkpoint."""
+        if self.global_state is None:
+            raise RuntimeError("the federation has no global state before its start or a checkpoint load")
+        return self.global_state
+
+    def _seed(self, round_index: int, client: int, *keys: int) -> int:
+        assert self.seed is not None  # set before the first round
+        return step_seed(self.seed, round_index, client, *keys)
+
+    def start(self, pl_module: pl.LightningModule) -> None:
+        """A fresh federation: every client starts from one seeded init of the slots and the model's head."""
+        assert self.seed is not None  # set before the first round
+        generator = torch.Generator().manual_seed(self.seed * 7 + 1)
+        for layer in pl_module.lora_layers.values():
+            layer.reset_slot(generator)
+        self.global_state = GlobalState(read_slots(pl_module), read_head(pl_module))
+
+    def drops(self, round_index: int, client: int) -> bool:
+        """Whether the simulated fault ``dropout_prob`` makes ``client`` never reply in the round (seeded)."""
+        rng = np.random.default_rng(self._seed(round_index, client, DROPOUT_STREAM))
+        return bool(rng.random() < self.dropout_prob)
+
+    def close_round(
+        self,
+        pl_module: pl.LightningModule,
+        round_index: int,
+        replies: list[ClientUpdate],
+        excluded: dict[int, str],
+        sampled: list[int],
+        client_rank: Callable[[int], int],
+    ) -> None:
+        """Screen ``replies`` (sorted by client), aggregate what is left, and leave the new global state in the
+        model and in :attr:`global_state`; ``excluded`` names the sampled clients that did not reply and why."""
+        kept, faulty = screen_updates(replies, self.server_state, self.norm_ratio)
+        excluded = {**faulty, **excluded}
+        self.clients.update({u.client: u for u in kept})
+        for client, reason in sorted(excluded.items()):
+            rank_zero_warn(f"round {round_index}: client {client} excluded: {reason}")
+        start, scale = self.server_state, pl_module.lora_config.scale
+        cosine = error = float("nan")
+        if kept:
+            state = self.rule.aggregate(kept, start, scale, pl_module.lora_config.rank)
+            cosine, error = agreement(kept, state, scale)
+        else:
+            rank_zero_warn(
+                f"round {round_index}: every client failed ({len(excluded)} excluded); the global adapters stay as they were"
+            )
+            state = GlobalState(start.adapters, start.head)  # nothing to merge again, no re-initialisation
+        for name, (a, b) in state.merged.items():
+            pl_module.lora_layers[name].absorb(a, b)
+        if state.reinit:
+            generator = torch.Generator().manual_seed(self._seed(round_index + 1, 0, REINIT_STREAM))
+            for layer in pl_module.lora_layers.values():
+                layer.reset_slot(generator)
+            state.adapters = read_slots(pl_module)
+        load_state(pl_module, state)
+        element = pl_module.slot_parameters()[0].element_size()
+        self.last_round = {
+            "round": round_index,
+            "clients": len(sampled),
+            "aggregated": len(kept),
+            "excluded": len(excluded),
+            "bytes_down": element
+            * sum(self.rule.download_numel(start, client_rank(k), round_index == 0) for k in sampled),
+            "bytes_up": element * sum(self.rule.upload_numel(u) for u in replies),
+            "cosine_to_ideal": cosine,
+            "error_to_ideal": error,
+        }
+        self.global_state = state
+        self.rounds_closed = round_index + 1
+
+    def state_dict(self) -> dict:
+        return {
+            "rule": self.rule.name,
+            "seed": self.seed,
+            "rounds_closed": self.rounds_closed,
+            "global": _state_to_dict(self.server_state),
+            "clients": {k: _update_to_dict(u) for k, u in self.clients.items()},
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict["rule"] != self.rule.name:
+            raise ValueError(
+                f"checkpoint was aggregated with {state_dict['rule']!r}, this run asks for {self.rule.name!r}"
+            )
+        self.seed, self.rounds_closed = state_dict["seed"], state_dict["rounds_closed"]
+        self.global_state = _state_from_dict(state_dict["global"])
+        self.clients = {int(k): _update_from_dict(v) for k, v in state_dict["clients"].items()}
+        self.history = state_dict["history"]
+
+
+# -- the round driver ---------------------------------------------------------------------------------------
 
 
 class FederatedRounds(Callback):
@@ -65,32 +293,58 @@ class FederatedRounds(Callback):
         norm_ratio: float = 10.0,
         seed: int | None = None,
     ) -> None:
-        self.rule = make_rule(aggregation)
-        if train_A and not self.rule.trains_A:
+        rule = make_rule(aggregation)
+        if train_A and not rule.trains_A:
             raise ValueError(
-                f"aggregation {self.rule.name!r} keeps A frozen at its shared init (that is what makes it exact); "
+                f"aggregation {rule.name!r} keeps A frozen at its shared init (that is what makes it exact); "
                 "train_A=True contradicts it: drop train_A or choose a rule that trains A (fedit, lora_fair, flexlora, flora)"
             )
-        if client_scale not in ("run", "rank"):
-            raise ValueError(f"client_scale must be 'run' or 'rank', got {client_scale!r}")
-        if not 0 <= dropout_prob < 1:
-            raise ValueError(f"dropout_prob must be in [0, 1), got {dropout_prob}")
-        if norm_ratio <= 1:
-            raise ValueError(f"norm_ratio must be > 1, got {norm_ratio}")
-        self.train_A = self.rule.trains_A if train_A is None else train_A
-        self.client_ranks = client_ranks
-        self.client_scale = client_scale
-        self.dropout_prob = dropout_prob
-        self.norm_ratio = norm_ratio
-        self.seed = seed
-        self.global_state: GlobalState | None = None
-        self.clients: dict[int, ClientUpdate] = {}  # each client's last aggregated upload, on the CPU
-        self.rounds_closed = 0
+        self.client = ClientTraining(client_ranks, client_scale)
+        self.server = FederationServer(rule, dropout_prob, norm_ratio, seed)
+        self.rule = self.server.rule
+        self.train_A = rule.trains_A if train_A is None else train_A
+        self.client_ranks, self.client_scale = client_ranks, client_scale
+        self.dropout_prob, self.norm_ratio = dropout_prob, norm_ratio
         self.round_updates: list[ClientUpdate] = []
         self.current_client: int | None = None
         self.client_first_batch = 0  # the round's batch index at which the current client started
-        self.last_round: dict = {}
-        self.history: list[dict] = []  # one row per closed round: its last_round and the global accuracy
+
+    # the server's state, read and written through the server
+    @property
+    def seed(self) -> int | None:
+        return self.server.seed
+
+    @seed.setter
+    def seed(self, value: int | None) -> None:
+        self.server.seed = value
+
+    @property
+    def global_state(self) -> GlobalState | None:
+        return self.server.global_state
+
+    @global_state.setter
+    def global_state(self, value: GlobalState | None) -> None:
+        self.server.global_state = value
+
+    @property
+    def server_state(self) -> GlobalState:
+        return self.server.server_state
+
+    @property
+    def clients(self) -> dict[int, ClientUpdate]:
+        return self.server.clients
+
+    @property
+    def rounds_closed(self) -> int:
+        return self.server.rounds_closed
+
+    @property
+    def last_round(self) -> dict:
+        return self.server.last_round
+
+    @property
+    def history(self) -> list[dict]:
+        return self.server.history
 
     # -- setup --------------------------------------------------------------------------------------------
 
@@ -99,47 +353,18 @@ class FederatedRounds(Callback):
         if stage != "fit":
             return
         bind_epochs_to_stages(trainer, self, "sampled_clients", "round", "plan.datamodules.FederatedDataModule")
-        rank = pl_module.lora_config.rank
-        ranks = self.client_ranks or [rank]
-        bad = [r for r in ranks if not 1 <= r <= rank]
-        if bad:
-            raise ValueError(
-                f"client_ranks {bad} do not fit the model's LoRA rank {rank}: each must be in 1..{rank} (raise lora.rank)"
-            )
-        if self.rule.equal_ranks and len(set(ranks)) > 1:
-            raise ValueError(
-                f"aggregation {self.rule.name!r} needs every client at one rank, but client_ranks={ranks} differ; "
-                f"use equal ranks or a rule for heterogeneous ranks ('flexlora', 'flora')"
-            )
+        check_client_ranks(self.rule, self.client_ranks, pl_module.lora_config.rank)
         for layer in pl_module.lora_layers.values():
             layer.lora_A.requires_grad_(self.train_A)
 
-    def client_rank(self, client: int, default: int) -> int:
-        return self.client_ranks[client % len(self.client_ranks)] if self.client_ranks else default
-
-    def scale_ratio(self, client: int, rank: int) -> float:
-        """``s_k / s``: the client's LoRA scale over the run's (1 unless ``client_scale='rank'``)."""
-        return rank / self.client_rank(client, rank) if self.client_scale == "rank" else 1.0
-
-    @property
-    def server_state(self) -> GlobalState:
-        """The global adapters and head: set at fit start, or by a checkpoint."""
-        if self.global_state is None:
-            raise RuntimeError("FederatedRounds has no global state before fit start or a checkpoint load")
-        return self.global_state
-
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.global_state is None:  # a fresh run: every client starts from one seeded init
-            assert self.seed is not None  # set at setup
-            generator = torch.Generator().manual_seed(self.seed * 7 + 1)
-            for layer in pl_module.lora_layers.values():
-                layer.reset_slot(generator)
-            self.global_state = GlobalState(self._read_slots(pl_module), self._read_head(pl_module))
+            self.server.start(pl_module)
             self._log_partition(trainer)
         elif self.current_client is None:
-            self._load(pl_module, self.global_state)
+            self._load(pl_module, self.server_state)
         else:  # resumed in the middle of a client's local training: the model holds that client's progress
-            self._set_active_rank(pl_module, self.current_client)
+            self.client.set_active_rank(pl_module, self.current_client)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Ranks train different clients: DDP must not average their gradients or broadcast buffers during
@@ -167,39 +392,19 @@ class FederatedRounds(Callback):
                 self._start_client(trainer, pl_module, client, batch_idx)
         # A client's k-th local step draws from (seed, round, client, k), whichever rank it runs on and
         # whether or not the run was resumed in between.
-        reseed(self._seed(trainer.current_epoch, client, STEP_STREAM, batch_idx - self.client_first_batch))
+        assert self.seed is not None  # set at setup
+        reseed(local_step_seed(self.seed, trainer.current_epoch, client, batch_idx - self.client_first_batch))
 
     def _start_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, batch_idx: int) -> None:
         self.current_client, self.client_first_batch = client, batch_idx
-        self._load(pl_module, self.server_state)
-        self._set_active_rank(pl_module, client)
-        ratio = self.scale_ratio(client, pl_module.lora_config.rank)
-        with torch.no_grad():  # the client starts from the global weight change: s_k B_k = s B
-            for layer in pl_module.lora_layers.values():
-                layer.lora_B.div_(ratio)
-        for optimizer in trainer.optimizers:
-            optimizer.state.clear()
-
-    def _set_active_rank(self, pl_module: pl.LightningModule, client: int) -> None:
-        """The client's rank and LoRA scale on every layer."""
-        config = pl_module.lora_config
-        rank, scale = self.client_rank(client, config.rank), config.scale * self.scale_ratio(client, config.rank)
-        for layer in pl_module.lora_layers.values():
-            layer.active_rank, layer.scale = rank, scale
+        self.client.start(pl_module, trainer.optimizers, self.server_state, client)
 
     def _finish_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         client = self.current_client
         assert client is not None  # called only while a client trains
-        rank = self.client_rank(client, pl_module.lora_config.rank)
-        ratio = self.scale_ratio(client, pl_module.lora_config.rank)  # uploads in the run's scale: s B = s_k B_k
-        adapters = {name: (a[:rank], b[:, :rank] * ratio) for name, (a, b) in self._read_slots(pl_module).items()}
-        update = ClientUpdate(client, trainer.datamodule.client_sizes[client], adapters, self._read_head(pl_module))
+        update = self.client.finish(pl_module, client, trainer.datamodule.client_sizes[client])
         self.round_updates.append(update)
         self.current_client = None
-
-    def _seed(self, round_index: int, client: int, *keys: int) -> int:
-        assert self.seed is not None  # set at setup
-        return step_seed(self.seed, round_index, client, *keys)
 
     # -- the round end ------------------------------------------------------------------------------------
 
@@ -219,79 +424,24 @@ class FederatedRounds(Callback):
             self._finish_client(trainer, pl_module)
         replies, dropped = [], {}
         for update in self.round_updates:
-            if (
-                np.random.default_rng(self._seed(round_index, update.client, DROPOUT_STREAM)).random()
-                < self.dropout_prob
-            ):
-                dropped[update.client] = "dropped out (no reply)"
+            if self.server.drops(round_index, update.client):
+                dropped[update.client] = DROPPED
             else:
                 replies.append(update)
         parts = _from_every_rank((replies, dropped), trainer)  # one collective; sorted so every rank agrees
         replies = sorted((u for rank_replies, _ in parts for u in rank_replies), key=lambda u: u.client)
         dropped = {k: reason for _, rank_dropped in parts for k, reason in rank_dropped.items()}
-        kept, excluded = screen_updates(replies, self.server_state, self.norm_ratio)
-        excluded.update(dropped)
-        self.clients.update({u.client: u for u in kept})
-        for client, reason in sorted(excluded.items()):
-            rank_zero_warn(f"round {round_index}: client {client} excluded: {reason}")
-        start, rank = self.server_state, pl_module.lora_config.rank
-        cosine = error = float("nan")
-        if kept:
-            state = self.rule.aggregate(kept, start, pl_module.lora_config.scale, rank)
-            cosine, error = agreement(kept, state, pl_module.lora_config.scale)
-        else:
-            rank_zero_warn(
-                f"round {round_index}: every client failed ({len(excluded)} excluded); the global adapters stay as they were"
-            )
-            state = GlobalState(start.adapters, start.head)  # nothing to merge again, no re-initialisation
-        for name, (a, b) in state.merged.items():
-            pl_module.lora_layers[name].absorb(a, b)
-        if state.reinit:
-            generator = torch.Generator().manual_seed(self._seed(round_index + 1, 0, REINIT_STREAM))
-            for layer in pl_module.lora_layers.values():
-                layer.reset_slot(generator)
-            state.adapters = self._read_slots(pl_module)
-        self._load(pl_module, state)
-        element = pl_module.slot_parameters()[0].element_size()
-        sampled = trainer.datamodule.sampled_clients(round_index)
-        self.last_round = {
-            "round": round_index,
-            "clients": len(sampled),
-            "aggregated": len(kept),
-            "excluded": len(excluded),
-            "bytes_down": element
-            * sum(self.rule.download_numel(start, self.client_rank(k, rank), round_index == 0) for k in sampled),
-            "bytes_up": element * sum(self.rule.upload_numel(u) for u in replies),
-            "cosine_to_ideal": cosine,
-            "error_to_ideal": error,
-        }
-        self.global_state = state
-        self.rounds_closed = round_index + 1
+        rank = pl_module.lora_config.rank
+        self.server.close_round(
+            pl_module,
+            round_index,
+            replies,
+            dropped,
+            trainer.datamodule.sampled_clients(round_index),
+            lambda k: self.client.client_rank(k, rank),
+        )
 
-    # -- model <-> server state -----------------------------------------------------------------------------
-
-    @staticmethod
-    def _read_slots(pl_module: pl.LightningModule) -> dict[str, tuple[Tensor, Tensor]]:
-        return {
-            name: (layer.lora_A.detach().cpu().clone(), layer.lora_B.detach().cpu().clone())
-            for name, layer in pl_module.lora_layers.items()
-        }
-
-    @staticmethod
-    def _read_head(pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        return {name: p.detach().cpu().clone() for name, p in pl_module.head_parameters().items()}
-
-    @staticmethod
-    @torch.no_grad()
-    def _load(pl_module: pl.LightningModule, state: GlobalState) -> None:
-        """Copy the global adapters and head into the model (in place: the parameters keep their identity)."""
-        for name, layer in pl_module.lora_layers.items():
-            a, b = state.adapters[name]
-            layer.lora_A.copy_(a)
-            layer.lora_B.copy_(b)
-            layer.active_rank, layer.scale = layer.rank, pl_module.lora_config.scale
-        for name, p in pl_module.head_parameters().items():
-            p.copy_(state.head[name])
+    _load = staticmethod(load_state)  # the global state into the model (tests restore the server's view)
 
     # -- logging ------------------------------------------------------------------------------------------
 
@@ -343,29 +493,32 @@ class FederatedRounds(Callback):
 
     def state_dict(self) -> dict:
         return {
-            "rule": self.rule.name,
-            "seed": self.seed,
-            "rounds_closed": self.rounds_closed,
-            "global": _state_to_dict(self.server_state),
-            "clients": {k: _update_to_dict(u) for k, u in self.clients.items()},
+            **self.server.state_dict(),
             # the round so far, for a checkpoint taken in the middle of it
             "round_updates": [_update_to_dict(u) for u in self.round_updates],
             "current_client": self.current_client,
             "client_first_batch": self.client_first_batch,
-            "history": self.history,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict["rule"] != self.rule.name:
-            raise ValueError(
-                f"checkpoint was aggregated with {state_dict['rule']!r}, this run asks for {self.rule.name!r}"
-            )
-        self.seed, self.rounds_closed = state_dict["seed"], state_dict["rounds_closed"]
-        self.global_state = _state_from_dict(state_dict["global"])
-        self.clients = {int(k): _update_from_dict(v) for k, v in state_dict["clients"].items()}
+        self.server.load_state_dict(state_dict)
         self.round_updates = [_update_from_dict(u) for u in state_dict["round_updates"]]
         self.current_client, self.client_first_batch = state_dict["current_client"], state_dict["client_first_batch"]
-        self.history = state_dict["history"]
+
+
+def check_client_ranks(rule: AggregationRule, client_ranks: list[int] | None, rank: int) -> None:
+    """Refuse client ranks the model's LoRA rank cannot hold, or unequal ranks under a rule that needs one."""
+    ranks = client_ranks or [rank]
+    bad = [r for r in ranks if not 1 <= r <= rank]
+    if bad:
+        raise ValueError(
+            f"client_ranks {bad} do not fit the model's LoRA rank {rank}: each must be in 1..{rank} (raise lora.rank)"
+        )
+    if rule.equal_ranks and len(set(ranks)) > 1:
+        raise ValueError(
+            f"aggregation {rule.name!r} needs every client at one rank, but client_ranks={ranks} differ; "
+            f"use equal ranks or a rule for heterogeneous ranks ('flexlora', 'flora')"
+        )
 
 
 def format_rounds(history: list[dict]) -> str:
