@@ -23,6 +23,10 @@ the 60 adapted layers, about 30 s): about 21 minutes per seed, 63 for the 18 run
 ``--train-per-class 16 --test-per-class 10 --max-length 160`` runs the config's own size (about 6.5 minutes a
 run). Its results go to ``benchmarks/llm_continual.jsonl``.
 
+``osf`` is an external reference, not a plan method: PEFT's orthogonal subspace fine-tuning (``peft.OSFConfig``)
+trains the adapted layers' full weights, wrapped and merged by PEFT itself (``benchmarks/peft_osf.py``), on the
+same task sequence, seed, head and accuracy matrix.
+
 Results go, one JSON line per run, to ``--out`` (runs already there are skipped, so an interrupted benchmark
 continues); the table printed at the end gives mean +- std over seeds of the final average accuracy, average
 incremental accuracy, forgetting and BWT, plus two overheads measured in the same runs: the median
@@ -80,6 +84,8 @@ METHODS: dict[str, tuple[str, list[dict]]] = {
         ],
     ),
     "joint": ("shared", []),
+    # external reference: PEFT's own OSF trains the backbone (benchmarks/peft_osf.py), no plan LoRA
+    "osf": ("shared", [{"class_path": "peft_osf.PeftOSF", "init_args": {}}]),
 }
 LLM_METHODS = ["seq_lora", "stacked_lora", "olora", "inflora", "plan", "joint"]
 # What the options default to for the MiniLM scenarios and for the language-model ones, and where results go.

@@ -9,6 +9,7 @@ from plan.callbacks.olora import OLoRA
 from plan.callbacks.plan_allocation import PLAN
 from plan.callbacks.predictions import PredictionWriter
 from plan.callbacks.progress import StageProgressBar
+from plan.callbacks.sdlora import SDLoRA
 from plan.callbacks.sequencer import TaskCallback, TaskSequencer
 from plan.callbacks.subspace_memory import GradientProjection, SubspaceMemory
 
@@ -21,6 +22,7 @@ __all__ = [
     "OLoRA",
     "PredictionWriter",
     "ProgressiveActivation",
+    "SDLoRA",
     "StageProgressBar",
     "SubspaceMemory",
     "TaskCallback",

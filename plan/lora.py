@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -98,6 +98,10 @@ class LoRALinear(nn.Module):
         self.past_dropout = False  # True: the frozen stack's input gets its own dropout mask too (O-LoRA's code)
         self.slot_enabled = True  # False drops the slot's term for this forward (CoTo's layer deactivation)
         self.active_rank = rank  # a federated client of lower rank uses the slot's first components only
+        # A method's learned scales (SD-LoRA's magnitudes), which live outside the layer: when set, each forward
+        # takes the slot's and the stack's B from it, every scale folded in (the slot's alpha/rank too), so the
+        # scales get gradients; the layer's own past_B and scale stay what merge, freeze and export read.
+        self.up_projections: Callable[[], tuple[Tensor, Tensor]] | None = None
         self.reset_slot()
 
     @property
@@ -169,27 +173,33 @@ class LoRALinear(nn.Module):
         """``base(x) + s * dropout(x) A^T B^T`` (if the slot is enabled) ``+ x A_past^T B_past^T``, through
         :func:`plan.kernels.stacked_lora_linear` on the path ``self.kernel`` selects; the torch path runs exactly
         these operations in this order. With ``past_dropout`` the stack's input is ``dropout(x)`` with a mask of
-        its own, drawn after the slot's, as in O-LoRA's official code (one dropout module called twice)."""
+        its own, drawn after the slot's, as in O-LoRA's official code (one dropout module called twice). With
+        ``up_projections`` set, ``B`` and ``B_past`` come from it, scales folded in, and ``s`` is 1."""
         if self.merged:
             return self.base_layer(x)
         slot, r = self.slot_enabled, self.active_rank
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
         own_past_mask = self.past_dropout and p > 0 and self.dropout.training and self.past_rank > 0
+        lora_B: Tensor = self.lora_B
+        past_B, scale = self.past_B, self.scale
+        if self.up_projections is not None:
+            lora_B, past_B = self.up_projections()
+            scale = 1.0
         y = stacked_lora_linear(
             x,
             self.base_layer.weight,
             self.base_layer.bias,
             (self.lora_A if r == self.rank else self.lora_A[:r]) if slot else None,
-            (self.lora_B if r == self.rank else self.lora_B[:, :r].contiguous()) if slot else None,
-            self.scale,
+            (lora_B if r == self.rank else lora_B[:, :r].contiguous()) if slot else None,
+            scale,
             None if own_past_mask else self.past_A,
-            None if own_past_mask else self.past_B,
+            None if own_past_mask else past_B,
             dropout=p,
             training=self.dropout.training,
             kernel=self.kernel,
         )
         if own_past_mask:
-            y = y + self.dropout(x) @ self.past_A.T @ self.past_B.T
+            y = y + self.dropout(x) @ self.past_A.T @ past_B.T
         return y
 
     def _load_from_state_dict(

@@ -53,6 +53,7 @@ class AdaptedModule(pl.LightningModule):
         self.layout: TaskLayout = None  # set by configure_layout
         self.task_accuracy: dict[int, float] = {}
         self.loss_terms: dict[str, Callable[[], Tensor]] = {}
+        self.method_parameters = nn.ParameterDict()  # a method's own trained tensors (SD-LoRA's magnitudes)
 
     @property
     def tokenizer_source(self) -> str:
@@ -72,6 +73,15 @@ class AdaptedModule(pl.LightningModule):
     def register_loss_term(self, name: str, term: Callable[[], Tensor]) -> None:
         """Add ``term()`` to every training loss (logged as ``train/<name>``); a method callback's regulariser."""
         self.loss_terms[name] = term
+
+    def add_method_parameter(self, name: str, value: Tensor) -> nn.Parameter:
+        """Train ``value`` beside the slots (same group, learning rate and decay) and keep it in checkpoints: a
+        method's own parameter, such as SD-LoRA's magnitudes. Call it before the optimizer is built (a callback's
+        ``setup``); a second call with the same name and shape returns the existing parameter."""
+        existing = self.method_parameters.get(name)
+        if existing is None or existing.shape != value.shape:
+            self.method_parameters[name] = nn.Parameter(value.to(self.device))
+        return self.method_parameters[name]
 
     def slot_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self._lora_layers.values() for p in (layer.lora_A, layer.lora_B)]
@@ -169,7 +179,7 @@ class AdaptedModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Every slot parameter is registered, frozen or not, so a callback may freeze or thaw A or B later.
-        groups: list[dict] = [{"params": self.slot_parameters(), "lr": self.lr}]
+        groups: list[dict] = [{"params": self.slot_parameters() + list(self.method_parameters.values()), "lr": self.lr}]
         if self.head_parameters():
             groups.append({"params": list(self.head_parameters().values()), "lr": self.head_lr})
         return torch.optim.AdamW(groups, weight_decay=self.weight_decay)
@@ -221,6 +231,10 @@ class AdaptedModule(pl.LightningModule):
         state, own = checkpoint["state_dict"], self.state_dict()
         for key in self._frozen_keys(own):
             state.setdefault(key, own[key])
+        for key, value in state.items():  # a method's parameters, for a model loaded without its callback (export)
+            name = key.removeprefix("method_parameters.")
+            if name != key and name not in self.method_parameters:
+                self.method_parameters[name] = nn.Parameter(torch.empty_like(value, device=self.device))
 
 
 class ContinualClassifier(AdaptedModule):
