@@ -42,7 +42,7 @@ def workload(clients: int, rounds: int, local_steps: int, root: str) -> list[str
     """CLI overrides of the FedIT config: every client in every round, ``local_steps`` each, no validation."""
     return [
         "--config", str(CONFIG), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false",
+        "--trainer.enable_model_summary", "false",
         "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", root,
         "--data.init_args.num_clients", str(clients), "--data.init_args.clients_per_round", str(clients),
         "--data.init_args.rounds", str(rounds), "--trainer.max_epochs", str(rounds),
@@ -75,7 +75,7 @@ def flower_rounds(clients: int, rounds: int, local_steps: int, root: str) -> lis
     from plan import flower
 
     config = yaml.safe_load(CONFIG.read_text())
-    config["trainer"].update(logger=False, enable_checkpointing=False, limit_val_batches=0, max_epochs=rounds)
+    config["trainer"].update(logger=False, limit_val_batches=0, max_epochs=rounds)
     config["data"]["init_args"].update(
         num_clients=clients, clients_per_round=clients, rounds=rounds, local_steps=local_steps
     )
