@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,36 @@ def plan_in_processes(*args: str, timeout: int = 600) -> subprocess.CompletedPro
     command = shutil.which("plan") or f"{sys.executable} -m plan.cli"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([*command.split(), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def fit_on_two_nodes(config) -> None:
+    """``plan fit`` as two nodes of one process each, started as a cluster scheduler would start them."""
+    command = shutil.which("plan") or f"{sys.executable} -m plan.cli"
+    port = free_port()
+    nodes = []
+    for node in (0, 1):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+        env.update({"NODE_RANK": str(node), "LOCAL_RANK": "0", "PYTHONWARNINGS": "ignore"})
+        arguments = ["fit", "--config", str(config), "--trainer.strategy", "ddp", "--trainer.devices", "1"]
+        nodes.append(
+            subprocess.Popen(
+                [*command.split(), *arguments, "--trainer.num_nodes", "2"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    try:
+        errors = [node.communicate(timeout=600)[1] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    if [node.returncode for node in nodes] != [0, 0]:
+        raise RuntimeError(errors[0][-2000:] + errors[1][-2000:])

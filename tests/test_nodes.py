@@ -4,50 +4,15 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_BERT, TINY_FEDERATED_RUN, TinyRun
+from conftest import TINY_BERT, TINY_FEDERATED_RUN, TinyRun, fit_on_two_nodes, free_port
 
 from plan.cli import run_cli
 from plan.errors import ConfigError
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def fit_on_two_nodes(config) -> None:
-    """``plan fit`` as two nodes of one process each, started as a cluster scheduler would start them."""
-    command = shutil.which("plan") or f"{sys.executable} -m plan.cli"
-    port = free_port()
-    nodes = []
-    for node in (0, 1):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-        env.update({"NODE_RANK": str(node), "LOCAL_RANK": "0", "PYTHONWARNINGS": "ignore"})
-        arguments = ["fit", "--config", str(config), "--trainer.strategy", "ddp", "--trainer.devices", "1"]
-        nodes.append(
-            subprocess.Popen(
-                [*command.split(), *arguments, "--trainer.num_nodes", "2"],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    try:
-        errors = [node.communicate(timeout=600)[1] for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
-    assert [node.returncode for node in nodes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
 
 
 @pytest.mark.slow
