@@ -1,6 +1,6 @@
 """plan's own federated simulation against Flower's simulation engine, and both against the floor.
 
-    python benchmarks/flower_cost.py                       # 10 and 50 clients, 3 repetitions (about 15 min)
+    python benchmarks/flower_cost.py                       # 10 and 50 clients, 3 repetitions (about 30 min)
     python benchmarks/flower_cost.py --clients 10 --reps 1
 
 The workload is ``configs/federated/fedit.yaml`` (MiniLM LoRA, 20 Newsgroups, Dirichlet 0.5, FedIT) with every
