@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import free_port
 
 pytest.importorskip("flwr")
 
@@ -76,12 +76,6 @@ def kill(job: subprocess.Popen) -> None:
     with suppress(ProcessLookupError):
         os.killpg(job.pid, signal.SIGKILL)
     job.wait(30)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def flower_command(name: str) -> str:
