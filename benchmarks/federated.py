@@ -41,6 +41,7 @@ from lora_step import profiled_alloc_peak
 from resumable import run_missing
 
 from plan.aggregation import ClientUpdate, GlobalState, make_rule
+from plan.callbacks import FederatedRounds
 from plan.cli import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +56,12 @@ QUIET = [
     "--trainer.enable_model_summary",
     "false",
 ]
+
+
+def store_bytes(clients: dict[int, ClientUpdate]) -> int:
+    """The bytes of the server's client store: every stored client's adapters and head."""
+    adapters = sum(t.nbytes for u in clients.values() for pair in u.adapters.values() for t in pair)
+    return adapters + sum(t.nbytes for u in clients.values() for t in u.head.values())
 
 
 class RoundRecorder(Callback):
@@ -75,10 +82,10 @@ class RoundRecorder(Callback):
         self.epoch_s.append(time.perf_counter() - self.start)
         if "val/acc" in trainer.callback_metrics:
             self.accuracy.append(float(trainer.callback_metrics["val/acc"]))
-        driver = next((cb for cb in trainer.callbacks if hasattr(cb, "last_round")), None)
-        if driver is not None and driver.last_round:
-            self.cosine.append(driver.last_round["cosine_to_ideal"])
-            self.error.append(driver.last_round["error_to_ideal"])
+        server = next((cb.server for cb in trainer.callbacks if isinstance(cb, FederatedRounds)), None)
+        if server is not None and server.last_round:
+            self.cosine.append(server.last_round["cosine_to_ideal"])
+            self.error.append(server.last_round["error_to_ideal"])
 
 
 def fit(config: Path, *args: str) -> RoundRecorder:
@@ -223,14 +230,13 @@ def memory_child(clients: int, profiled: bool) -> None:
             peak = profiled_alloc_peak(lambda: cli.trainer.fit(cli.model, datamodule=cli.datamodule))
         else:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    driver = cli.trainer.callbacks[0]
-    store = sum(t.nbytes for u in driver.clients.values() for pair in u.adapters.values() for t in pair)
-    store += sum(t.nbytes for u in driver.clients.values() for t in u.head.values())
-    one = store // len(driver.clients)
+    clients_stored = cli.trainer.callbacks[0].server.clients
+    store = store_bytes(clients_stored)
+    one = store // len(clients_stored)
     if profiled:
         print(json.dumps({"clients": clients, "live_tensor_peak_bytes": peak}))
         return
-    print(json.dumps({"clients": clients, "stored": len(driver.clients), "store_bytes": store, "adapter_bytes": one,
+    print(json.dumps({"clients": clients, "stored": len(clients_stored), "store_bytes": store, "adapter_bytes": one,
                       "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))  # fmt: skip
 
 
@@ -290,10 +296,9 @@ def scale_child(clients: int) -> None:
         )
         cli.trainer.callbacks.append(clock)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    driver = cli.trainer.callbacks[0]
-    store = sum(t.nbytes for u in driver.clients.values() for pair in u.adapters.values() for t in pair)
-    store += sum(t.nbytes for u in driver.clients.values() for t in u.head.values())
-    print(json.dumps({"clients": clients, "trained": len(driver.clients), "store_bytes": store,
+    clients_stored = cli.trainer.callbacks[0].server.clients
+    store = store_bytes(clients_stored)
+    print(json.dumps({"clients": clients, "trained": len(clients_stored), "store_bytes": store,
                       "round_s": statistics.median(clock.times[1:]), "rounds_s": clock.times,
                       "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))  # fmt: skip
 

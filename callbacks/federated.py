@@ -299,70 +299,30 @@ class FederatedRounds(Callback):
                 f"aggregation {rule.name!r} keeps A frozen at its shared init (that is what makes it exact); "
                 "train_A=True contradicts it: drop train_A or choose a rule that trains A (fedit, lora_fair, flexlora, flora)"
             )
-        self.client = ClientTraining(client_ranks, client_scale)
+        self.client = ClientTraining(client_ranks, client_scale)  # the settings live once, in the two sides
         self.server = FederationServer(rule, dropout_prob, norm_ratio, seed)
-        self.rule = self.server.rule
         self.train_A = rule.trains_A if train_A is None else train_A
-        self.client_ranks, self.client_scale = client_ranks, client_scale
-        self.dropout_prob, self.norm_ratio = dropout_prob, norm_ratio
         self.round_updates: list[ClientUpdate] = []
         self.current_client: int | None = None
         self.client_first_batch = 0  # the round's batch index at which the current client started
 
-    # the server's state, read and written through the server
-    @property
-    def seed(self) -> int | None:
-        return self.server.seed
-
-    @seed.setter
-    def seed(self, value: int | None) -> None:
-        self.server.seed = value
-
-    @property
-    def global_state(self) -> GlobalState | None:
-        return self.server.global_state
-
-    @global_state.setter
-    def global_state(self, value: GlobalState | None) -> None:
-        self.server.global_state = value
-
-    @property
-    def server_state(self) -> GlobalState:
-        return self.server.server_state
-
-    @property
-    def clients(self) -> dict[int, ClientUpdate]:
-        return self.server.clients
-
-    @property
-    def rounds_closed(self) -> int:
-        return self.server.rounds_closed
-
-    @property
-    def last_round(self) -> dict:
-        return self.server.last_round
-
-    @property
-    def history(self) -> list[dict]:
-        return self.server.history
-
     # -- setup --------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.seed = run_seed(self.seed)
+        self.server.seed = run_seed(self.server.seed)
         if stage != "fit":
             return
         bind_epochs_to_stages(trainer, self, "sampled_clients", "round", "plan.datamodules.FederatedDataModule")
-        check_client_ranks(self.rule, self.client_ranks, pl_module.lora_config.rank)
+        check_client_ranks(self.server.rule, self.client.client_ranks, pl_module.lora_config.rank)
         for layer in pl_module.lora_layers.values():
             layer.lora_A.requires_grad_(self.train_A)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.global_state is None:  # a fresh run: every client starts from one seeded init
+        if self.server.global_state is None:  # a fresh run: every client starts from one seeded init
             self.server.start(pl_module)
             self._log_partition(trainer)
         elif self.current_client is None:
-            self._load(pl_module, self.server_state)
+            load_state(pl_module, self.server.server_state)
         else:  # resumed in the middle of a client's local training: the model holds that client's progress
             self.client.set_active_rank(pl_module, self.current_client)
 
@@ -392,12 +352,12 @@ class FederatedRounds(Callback):
                 self._start_client(trainer, pl_module, client, batch_idx)
         # A client's k-th local step draws from (seed, round, client, k), whichever rank it runs on and
         # whether or not the run was resumed in between.
-        assert self.seed is not None  # set at setup
-        reseed(local_step_seed(self.seed, trainer.current_epoch, client, batch_idx - self.client_first_batch))
+        assert self.server.seed is not None  # set at setup
+        reseed(local_step_seed(self.server.seed, trainer.current_epoch, client, batch_idx - self.client_first_batch))
 
     def _start_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int, batch_idx: int) -> None:
         self.current_client, self.client_first_batch = client, batch_idx
-        self.client.start(pl_module, trainer.optimizers, self.server_state, client)
+        self.client.start(pl_module, trainer.optimizers, self.server.server_state, client)
 
     def _finish_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         client = self.current_client
@@ -418,7 +378,7 @@ class FederatedRounds(Callback):
 
     def _close_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         round_index = trainer.current_epoch
-        if self.rounds_closed > round_index:
+        if self.server.rounds_closed > round_index:
             return
         if self.current_client is not None:
             self._finish_client(trainer, pl_module)
@@ -441,30 +401,31 @@ class FederatedRounds(Callback):
             lambda k: self.client.client_rank(k, rank),
         )
 
-    _load = staticmethod(load_state)  # the global state into the model (tests restore the server's view)
-
     # -- logging ------------------------------------------------------------------------------------------
 
     def _log_round(self, trainer: pl.Trainer) -> None:
-        if not self.last_round:
+        last_round = self.server.last_round
+        if not last_round:
             return
         accuracy = trainer.callback_metrics.get("val/acc")
-        self.history.append({**self.last_round, "acc": float("nan") if accuracy is None else float(accuracy)})
+        self.server.history.append({**last_round, "acc": float("nan") if accuracy is None else float(accuracy)})
         if not trainer.is_global_zero:
             return
-        metrics = {f"fed/{k}": float(v) for k, v in self.history[-1].items() if k != "round" and not math.isnan(v)}
+        metrics = {
+            f"fed/{k}": float(v) for k, v in self.server.history[-1].items() if k != "round" and not math.isnan(v)
+        }
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=self.last_round["round"] + 1)
+            logger.log_metrics(metrics, step=last_round["round"] + 1)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        rank_zero_info(f"federated run, aggregation {self.rule.name!r}\n{format_rounds(self.history)}")
+        rank_zero_info(f"federated run, aggregation {self.server.rule.name!r}\n{format_rounds(self.server.history)}")
 
     def _log_partition(self, trainer: pl.Trainer) -> None:
         """Per-client label histograms: a heatmap and a table in TensorBoard, sizes in the console."""
         histogram = trainer.datamodule.label_histogram()
         sizes = histogram.sum(1).tolist()
         rank_zero_info(
-            f"{len(sizes)} clients, {trainer.datamodule.clients_per_round} per round, aggregation {self.rule.name!r}; "
+            f"{len(sizes)} clients, {trainer.datamodule.clients_per_round} per round, aggregation {self.server.rule.name!r}; "
             f"client sizes min {min(sizes)} / median {sorted(sizes)[len(sizes) // 2]} / max {max(sizes)}"
         )
         if not trainer.is_global_zero:

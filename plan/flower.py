@@ -131,7 +131,7 @@ class Federation:
         settings = {k: trainer[k] for k in TRAINER_KEYS if trainer and trainer.get(k) is not None}
         federation = cls(config, cli.model, ClientRoundData(cli.datamodule), rounds[0], settings)
         federation.trainer().validate(federation.model, datamodule=federation.data, verbose=False)  # setup only
-        check_client_ranks(rounds[0].rule, rounds[0].client_ranks, federation.model.lora_config.rank)
+        check_client_ranks(rounds[0].server.rule, rounds[0].client.client_ranks, federation.model.lora_config.rank)
         for layer in federation.model.lora_layers.values():
             layer.lora_A.requires_grad_(rounds[0].train_A)
         return federation
@@ -327,10 +327,10 @@ class PlanStrategy:
     """
 
     def __init__(self, federation: Federation, checkpoint: str | Path | None = None, timeout: float = 600.0) -> None:
-        rounds = federation.rounds
         self.federation, self.timeout = federation, timeout
         self.checkpoint = Path(checkpoint) if checkpoint else None
-        self.server = FederationServer(rounds.rule, rounds.dropout_prob, rounds.norm_ratio, run_seed(rounds.seed))
+        self.server = federation.rounds.server  # the config's own server: its rule, fault settings and seed
+        self.server.seed = run_seed(self.server.seed)
         self.nodes: dict[int, int] = {}  # client id -> Flower node id
         self.sent: dict[int, int] = {}  # the round's clients -> node, as configured
 

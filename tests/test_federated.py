@@ -14,6 +14,7 @@ from torch import nn
 
 from plan.aggregation import ClientUpdate, GlobalState, client_weights, flexlora, ideal_update, make_rule
 from plan.callbacks import FederatedRounds
+from plan.callbacks.federated import load_state
 from plan.cli import run_cli
 from plan.lora import LoRAConfig, LoRALinear
 
@@ -109,7 +110,7 @@ def test_lora_fair_lands_closer_to_the_ideal_update_than_fedit(tiny_fed):
             "--trainer.max_epochs",
             "1",
         )
-        measured[rule] = cli.trainer.callbacks[0].last_round
+        measured[rule] = cli.trainer.callbacks[0].server.last_round
     assert measured["ffa_lora"]["cosine_to_ideal"] == pytest.approx(1.0, abs=1e-6)
     assert measured["ffa_lora"]["error_to_ideal"] == pytest.approx(0.0, abs=1e-3)
     assert measured["fedit"]["cosine_to_ideal"] < 0.9999
@@ -154,10 +155,10 @@ def test_a_hundred_clients_keep_one_adapter_each_on_the_cpu(tiny_fed):
     cli = fit(config)
     datamodule, driver = cli.trainer.datamodule, cli.trainer.callbacks[0]
     sampled = {k for r in range(2) for k in datamodule.sampled_clients(r)}
-    assert len(datamodule.sampled_clients(0)) == 10 and sorted(driver.clients) == sorted(sampled)
+    assert len(datamodule.sampled_clients(0)) == 10 and sorted(driver.server.clients) == sorted(sampled)
     assert sum(datamodule.client_sizes) == 1200 and min(datamodule.client_sizes) >= 2
     one_adapter = sum(p.numel() for layer in cli.model.lora_layers.values() for p in (layer.lora_A, layer.lora_B))
-    for update in driver.clients.values():
+    for update in driver.server.clients.values():
         assert sum(a.numel() + b.numel() for a, b in update.adapters.values()) == one_adapter
         assert all(t.device.type == "cpu" for pair in update.adapters.values() for t in pair)
 
@@ -216,8 +217,8 @@ def test_a_nan_client_is_excluded_and_the_round_goes_on(tiny_fed):
     with pytest.warns(UserWarning, match=f"round 0: client {victim} excluded: NaN/Inf in its update"):
         cli.trainer.fit(cli.model, cli.datamodule)
     driver = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "FederatedRounds")
-    assert driver.last_round["aggregated"] == 3 and driver.last_round["excluded"] == 1
-    assert all(torch.isfinite(t).all() for pair in driver.global_state.adapters.values() for t in pair)
+    assert driver.server.last_round["aggregated"] == 3 and driver.server.last_round["excluded"] == 1
+    assert all(torch.isfinite(t).all() for pair in driver.server.server_state.adapters.values() for t in pair)
 
 
 def test_dropped_clients_are_excluded_and_a_round_with_no_reply_keeps_the_old_adapters(tiny_fed):
@@ -245,7 +246,7 @@ def test_a_failed_round_after_a_flora_merge_changes_nothing(tiny_fed):
 def test_heterogeneous_ranks_under_flora(tiny_fed):
     cli = fit(tiny_fed.config(**{RULE_CALLBACK: rounds_callback(aggregation="flora", client_ranks=[4, 2, 1])}))
     driver = cli.trainer.callbacks[0]
-    for client, update in driver.clients.items():
+    for client, update in driver.server.clients.items():
         rank = [4, 2, 1][client % 3]
         assert all(a.shape[0] == rank and b.shape[1] == rank for a, b in update.adapters.values())
     stacked = sum([4, 2, 1][k % 3] for r in range(3) for k in cli.datamodule.sampled_clients(r))
@@ -356,7 +357,7 @@ def test_a_client_of_lower_rank_starts_from_the_global_change_and_uploads_its_ow
     trainer = SimpleNamespace(optimizers=[], datamodule=SimpleNamespace(client_sizes=[3, 3]))
     rounds = FederatedRounds(aggregation="flexlora", client_ranks=[4, 2], client_scale=client_scale)
     a_g, b_g = torch.randn(4, 6, generator=g), torch.randn(5, 4, generator=g)
-    rounds.global_state = GlobalState({"q": (a_g, b_g)}, {})
+    rounds.server.global_state = GlobalState({"q": (a_g, b_g)}, {})
     x = torch.randn(7, 6, generator=g)
 
     rounds._start_client(trainer, module, client=1, batch_idx=0)
@@ -375,5 +376,5 @@ def test_a_client_of_lower_rank_starts_from_the_global_change_and_uploads_its_ow
     assert a_up.shape == (2, 6) and b_up.shape == (5, 2)
     torch.testing.assert_close(change, 2.0 * x @ a_up.T @ b_up.T)
 
-    rounds._load(module, rounds.global_state)  # the server's model is back at the run's rank and scale
+    load_state(module, rounds.server.server_state)  # the server's model is back at the run's rank and scale
     assert layer.active_rank == 4 and layer.scale == 2.0

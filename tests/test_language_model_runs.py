@@ -91,7 +91,7 @@ def test_every_aggregation_rule_runs_on_the_language_model(tiny_lm_fed: TinyRun,
     )
     rounds = [{"class_path": "plan.callbacks.FederatedRounds", "init_args": {"aggregation": aggregation}}]
     cli = fit(tiny_lm_fed.config(trainer__callbacks=rounds))
-    history = cli.trainer.callbacks[0].history
+    history = cli.trainer.callbacks[0].server.history
     assert [row["round"] for row in history] == [0, 1]
     assert all(row["aggregated"] == 2 and row["excluded"] == 0 for row in history)
     assert all(0 <= row["acc"] <= 1 and math.isfinite(row["cosine_to_ideal"]) for row in history)

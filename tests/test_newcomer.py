@@ -84,7 +84,7 @@ def test_runs_name_their_tasks_and_a_federation_ends_with_a_summary(tiny, tiny_f
     assert f"plan: task 1 of 3: classes {first}" in caplog.text and "plan: task 2 of 3" in caplog.text
     assert f"plan: round 1 of 3: clients {fed.datamodule.sampled_clients(0)}" in caplog.text
     table = caplog.text[caplog.text.index("federated run, aggregation 'fedit'") :]
-    history = fed.trainer.callbacks[0].history
+    history = fed.trainer.callbacks[0].server.history
     assert [row["round"] for row in history] == [0, 1, 2]
     last = next(line.split() for line in table.splitlines() if line.split()[:1] == ["all"])  # the totals
     assert float(last[1]) == pytest.approx(history[-1]["acc"], abs=1e-4)
