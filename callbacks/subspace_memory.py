@@ -70,7 +70,9 @@ class SubspaceMemory(TaskCallback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            for loaded in trainer.datamodule.task_train_loader(task, self.max_examples):
+            # a sharded strategy refuses a pass that some rank would sit out (the others would wait for it)
+            loader = trainer.strategy.process_dataloader(trainer.datamodule.task_train_loader(task, self.max_examples))
+            for loaded in loader:
                 batch = pl_module.transfer_batch_to_device(loaded, pl_module.device, 0)
                 padding["mask"] = batch.get("attention_mask")
                 pl_module(batch)

@@ -87,8 +87,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             if len(set(lengths)) > 1:
                 raise ConfigError(
                     f"trainer.strategy fsdp2: a data loader has {lengths} batches on the {self.world_size} processes; "
-                    "sharded processes run every forward pass together, so each needs a share of every evaluation "
-                    "set: use at most as many processes as the smallest task's evaluation examples, or more of them"
+                    "sharded processes run every forward pass together, so each needs a share of every set it reads: "
+                    "use at most as many processes as the smallest task's evaluation examples (and as a method's "
+                    "max_examples, the examples its statistics pass reads), or more examples"
                 )
         return dataloader
 

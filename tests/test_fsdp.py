@@ -129,6 +129,19 @@ def test_an_evaluation_set_smaller_than_the_processes_is_refused_not_waited_on(t
     assert "a data loader has [0, 1, 1] batches on the 3 processes" in result.stderr
 
 
+@pytest.mark.slow
+def test_a_statistics_pass_smaller_than_the_processes_is_refused_not_waited_on(tiny):
+    """PLAN reading 1 example per statistics pass on 2 sharded processes: one would sit the pass out while the
+    other waits for it in its first forward pass; the run stops with a message naming max_examples instead."""
+    config = tiny.config(
+        trainer__strategy="fsdp2", trainer__devices=2, trainer__callbacks=subspace_callbacks("PLAN", max_examples=1)
+    )
+    result = plan_in_processes("fit", "--config", str(config), timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "a data loader has [0, 1] batches on the 2 processes" in result.stderr
+    assert "max_examples" in result.stderr
+
+
 def test_a_backbone_without_transformer_blocks_cannot_be_sharded():
     """FSDP2 shards a model block by block; a backbone that names no blocks is refused with what would work."""
     with pytest.raises(ConfigError, match=r"model.backbone 'mine' \(Sequential\) cannot be sharded.*LlamaDecoderLayer"):
