@@ -7,7 +7,7 @@
 Each run is ``plan fit`` on ``configs/quickstart.yaml`` (class-incremental 5 x 4) or
 ``configs/continual/domain4.yaml`` (4 domains), with the method's callbacks swapped in, the seed as
 ``seed_everything`` and documents truncated to ``--max-length`` tokens (64 by default, half the configs' 128,
-so that the 54 runs fit in about 80 minutes on 2 CPU cores). ``--threads 1`` with one invocation per
+about 3 to 6 minutes a run on one core). ``--threads 1`` with one invocation per
 scenario runs two benchmarks side by side, one per core.
 
 ``llm3`` is the language-model scenario, ``configs/llm/quickstart.yaml`` (SmolLM2-135M-Instruct learning three
@@ -22,6 +22,10 @@ InfLoRA's statistics and about 2 minutes more for PLAN's (its task start orders 
 the 60 adapted layers, about 30 s): about 21 minutes per seed, 63 for the 18 runs.
 ``--train-per-class 16 --test-per-class 10 --max-length 160`` runs the config's own size (about 6.5 minutes a
 run). Its results go to ``benchmarks/llm_continual.jsonl``.
+
+``plan:<selection>+<perturbation>`` runs PLAN with those two components (e.g. ``plan:random+none``, the ablation
+of its selection), so any combination can be measured against the default ``plan``. ``head_only`` is the
+frozen encoder with the head trained alone (LoRA's learning rate 1e-12): what adapting the encoder adds at all.
 
 ``osf`` is an external reference, not a plan method: PEFT's orthogonal subspace fine-tuning (``peft.OSFConfig``)
 trains the adapted layers' full weights, wrapped and merged by PEFT itself (``benchmarks/peft_osf.py``), on the
@@ -67,15 +71,8 @@ METHODS: dict[str, tuple[str, list[dict]]] = {
     "stacked_lora": ("stacked", []),
     "olora": ("stacked", [{"class_path": "plan.callbacks.OLoRA", "init_args": {"lambda_orth": 0.5}}]),
     "inflora": ("stacked", [{"class_path": "plan.callbacks.InfLoRA", "init_args": MEMORY}]),
+    "gpm": ("stacked", [{"class_path": "plan.callbacks.GradientProjection", "init_args": MEMORY}]),
     "plan": ("stacked", [{"class_path": "plan.callbacks.PLAN", "init_args": MEMORY}]),
-    "plan_random_selection": (
-        "stacked",
-        [{"class_path": "plan.callbacks.PLAN", "init_args": {**MEMORY, "selection": "random"}}],
-    ),
-    "plan_no_perturbation": (
-        "stacked",
-        [{"class_path": "plan.callbacks.PLAN", "init_args": {**MEMORY, "perturbation": "none"}}],
-    ),
     "plan_coto": (
         "stacked",
         [
@@ -86,9 +83,39 @@ METHODS: dict[str, tuple[str, list[dict]]] = {
     # the run's LoRA dropout (the official SD-LoRA has none; configs/continual/sdlora_ci5x4.yaml sets 0)
     "sdlora": ("stacked", [{"class_path": "plan.callbacks.SDLoRA", "init_args": {}}]),
     "joint": ("shared", []),
+    # the frozen encoder with only the head trained (LoRA's learning rate 1e-12): what adapting the encoder adds
+    "head_only": ("shared", []),
     # external reference: PEFT's own OSF trains the backbone (benchmarks/peft_osf.py), no plan LoRA
     "osf": ("shared", [{"class_path": "peft_osf.PeftOSF", "init_args": {}}]),
 }
+PLAN_VARIANT = "plan:"  # plan:<selection>+<perturbation>, e.g. plan:random+none: PLAN with those two components
+
+
+def method_spec(name: str) -> tuple[str, list[dict]]:
+    """The adapters and callbacks of a method: ``METHODS[name]``, or PLAN with the components a
+    ``plan:<selection>+<perturbation>`` name gives (each perturbation at its default scale)."""
+    if not name.startswith(PLAN_VARIANT):
+        return METHODS[name]
+    selection, _, perturbation = name.removeprefix(PLAN_VARIANT).partition("+")
+    options = {**MEMORY, "selection": selection, "perturbation": perturbation}
+    return "stacked", [{"class_path": "plan.callbacks.PLAN", "init_args": options}]
+
+
+def method_name(name: str) -> str:
+    """``--methods``' check: a METHODS key or a ``plan:<selection>+<perturbation>`` name PLAN accepts."""
+    from plan.callbacks.plan_allocation import PERTURBATIONS, SELECTIONS
+
+    if name in METHODS:
+        return name
+    selection, _, perturbation = name.removeprefix(PLAN_VARIANT).partition("+")
+    if name.startswith(PLAN_VARIANT) and selection in SELECTIONS and perturbation in PERTURBATIONS:
+        return name
+    raise argparse.ArgumentTypeError(
+        f"{name!r} is not a method: choose from {', '.join(METHODS)}, or plan:<selection>+<perturbation> with "
+        f"selection in {SELECTIONS} and perturbation in {PERTURBATIONS}"
+    )
+
+
 LLM_METHODS = ["seq_lora", "stacked_lora", "olora", "inflora", "plan", "sdlora", "joint"]
 # What the options default to for the MiniLM scenarios and for the language-model ones, and where results go.
 DEFAULTS = {
@@ -149,7 +176,7 @@ def run(
     test_per_class: int | None = None,
     max_examples: int | None = None,
 ) -> dict:
-    adapters, callbacks = METHODS[method]
+    adapters, callbacks = method_spec(method)
     if max_examples is not None:  # the input statistics' sample (InfLoRA, PLAN), else MEMORY's
         callbacks = [
             {**cb, "init_args": {**cb["init_args"], "max_examples": max_examples}}
@@ -174,6 +201,8 @@ def run(
                 args += [f"{prefix}.test_per_class", str(test_per_class)]
         if max_tasks is not None:
             args += ["--trainer.max_epochs", str(max_tasks)]
+        if method == "head_only":
+            args += ["--model.init_args.lr", "1e-12"]
         if method == "joint":
             args += ["--data.init_args.joint", "true", "--data.init_args.passes_per_task", "2"]
         start = time.perf_counter()
@@ -195,19 +224,32 @@ def run(
     }  # fmt: skip
 
 
+def paired(runs: list[dict], against: list[dict], key: str) -> str:
+    """Mean +- std over the seeds both have of ``run[key] - against[key]`` (seed by seed)."""
+    theirs = {r["seed"]: r[key] for r in against}
+    differences = [r[key] - theirs[r["seed"]] for r in runs if r["seed"] in theirs]
+    if not differences or any(math.isnan(d) for d in differences):
+        return "n/a"
+    spread = statistics.stdev(differences) if len(differences) > 1 else 0.0
+    return f"{statistics.mean(differences):+.3f}+-{spread:.3f}"
+
+
 def summarise(results: list[dict]) -> str:
-    """Mean +- std over seeds per (scenario, method), with the overheads against sequential LoRA."""
+    """Mean +- std over seeds per (scenario, method), the paired differences from PLAN over the same seeds
+    (final accuracy and forgetting), and the overheads against sequential LoRA."""
     lines = []
     for scenario in SCENARIOS:
         rows = [r for r in results if r["scenario"] == scenario]
         if not rows:
             continue
         reference = [r["median_step_s"] for r in rows if r["method"] == "seq_lora"]
+        plan = [r for r in rows if r["method"] == "plan"]
         lines += [
             f"\n{scenario}",
-            f"{'method':<22}{'seeds':>6}{'avg_acc':>16}{'avg_inc_acc':>16}{'forgetting':>16}{'bwt':>16}{'step/seq':>10}{'boundary':>10}",
+            f"{'method':<26}{'seeds':>6}{'avg_acc':>16}{'avg_inc_acc':>16}{'forgetting':>16}{'bwt':>16}"
+            f"{'acc-plan':>16}{'forg-plan':>16}{'step/seq':>10}{'boundary':>10}",
         ]
-        for method in METHODS:
+        for method in dict.fromkeys([*METHODS, *(r["method"] for r in rows)]):  # METHODS' order, then the rest
             runs = [r for r in rows if r["method"] == method]
             if not runs:
                 continue
@@ -226,7 +268,9 @@ def summarise(results: list[dict]) -> str:
             )
             boundary = sum(r["boundary_s"] for r in runs) / sum(r["train_s"] for r in runs)
             lines.append(
-                f"{method:<22}{len(runs):>6}{stat('avg_acc'):>16}{stat('avg_inc_acc'):>16}{stat('forgetting'):>16}{stat('bwt'):>16}{step:>10.3f}{boundary:>9.1%}"
+                f"{method:<26}{len(runs):>6}{stat('avg_acc'):>16}{stat('avg_inc_acc'):>16}{stat('forgetting'):>16}"
+                f"{stat('bwt'):>16}{paired(runs, plan, 'avg_acc'):>16}{paired(runs, plan, 'forgetting'):>16}"
+                f"{step:>10.3f}{boundary:>9.1%}"
             )
     return "\n".join(lines)
 
@@ -234,7 +278,10 @@ def summarise(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--methods", nargs="+", choices=list(METHODS), help=f"default: every method; for llm3 {' '.join(LLM_METHODS)}"
+        "--methods",
+        nargs="+",
+        type=method_name,
+        help=f"default: every method; for llm3 {' '.join(LLM_METHODS)}; also plan:<selection>+<perturbation>",
     )
     parser.add_argument("--scenarios", nargs="+", default=["ci5x4", "di4"], choices=list(SCENARIOS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -203,10 +203,16 @@ def overhead(args: argparse.Namespace) -> None:
             times.setdefault(rule, []).extend(recorder.epoch_s)
             print(f"trial {trial} {rule}: round times {[round(t, 2) for t in recorder.epoch_s]}", flush=True)
     # Rounds sample different clients, so compare totals over the same rounds, not medians of mixed rounds.
+    # Each trial's rounds against the same trial's plain rounds: paired ratios, whose spread shows the noise.
     base = sum(times["plain"])
+    per_trial = lambda rule: [sum(times[rule][i : i + args.rounds]) for i in range(0, len(times[rule]), args.rounds)]
     print(f"\nplain Lightning over the same batches: {base:.2f} s for {len(times['plain'])} rounds")
     for rule in args.rules:
-        print(f"{rule:<12} {sum(times[rule]):.2f} s   ratio to plain {sum(times[rule]) / base:.3f}")
+        paired = [t / p for t, p in zip(per_trial(rule), per_trial("plain"))]
+        print(
+            f"{rule:<12} {sum(times[rule]):.2f} s   ratio to plain {sum(times[rule]) / base:.3f}   paired per trial: "
+            f"median {statistics.median(paired):.3f} [{min(paired):.3f} - {max(paired):.3f}]"
+        )
 
 
 # -- memory -----------------------------------------------------------------------------------------------

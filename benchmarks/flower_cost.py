@@ -1,14 +1,16 @@
 """plan's own federated simulation against Flower's simulation engine, and both against the floor.
 
     python benchmarks/flower_cost.py                       # 10 and 50 clients, 3 repetitions (about 30 min)
-    python benchmarks/flower_cost.py --clients 10 --reps 1
+    python benchmarks/flower_cost.py --clients 10 --reps 1 --variants floor plan_ddp flower
 
 The workload is ``configs/federated/fedit.yaml`` (MiniLM LoRA, 20 Newsgroups, Dirichlet 0.5, FedIT) with every
-client sampled in every round, ``--local-steps`` steps each, no validation. Three variants run the same local
+client sampled in every round, ``--local-steps`` steps each, no validation. The variants run the same local
 steps on the same batches, each in a child process of its own, interleaved within every repetition:
 
 * ``floor``: the same batches trained plainly by Lightning (no client switches, no aggregation);
 * ``plan``: ``plan fit``'s simulation (``FederatedRounds``), one process, one model;
+* ``plan_ddp``: the same simulation with the clients sharded over 2 DDP processes of 1 thread each
+  (``--trainer.strategy ddp --trainer.devices 2``), the like-for-like match for Flower's two workers;
 * ``flower``: ``python -m plan.flower simulate`` (Flower's simulation engine on Ray, one ``ClientApp`` worker
   per CPU, each holding its own model), the same round logic as ``plan``.
 
@@ -35,7 +37,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "federated" / "fedit.yaml"
-VARIANTS = ("floor", "plan", "flower")
+VARIANTS = ("floor", "plan", "plan_ddp", "flower")
 
 
 def workload(clients: int, rounds: int, local_steps: int, root: str) -> list[str]:
@@ -61,11 +63,16 @@ def child(variant: str, clients: int, rounds: int, local_steps: int) -> None:
 
         from plan.cli import run_cli
 
-        cli = run_cli([*args, *(["--trainer.callbacks", "[]"] if variant == "floor" else [])], run=False)
+        extra = {
+            "floor": ["--trainer.callbacks", "[]"],
+            "plan_ddp": ["--trainer.strategy", "ddp", "--trainer.devices", "2"],
+        }
+        cli = run_cli([*args, *extra.get(variant, [])], run=False)
         recorder = RoundRecorder()
         cli.trainer.callbacks.append(recorder)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        print(json.dumps({"round_s": recorder.epoch_s}))
+        if cli.trainer.is_global_zero:  # under DDP every rank runs this; rank 0 speaks for the run
+            print(json.dumps({"round_s": recorder.epoch_s}))
 
 
 def flower_rounds(clients: int, rounds: int, local_steps: int, root: str) -> list[float]:
@@ -137,24 +144,26 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="floor always runs")
     parser.add_argument("--out", type=Path, default=None, help="append every run as a JSON line")
     args = parser.parse_args()
+    variants = ["floor", *(v for v in VARIANTS if v in args.variants and v != "floor")]
     rows = []
     for rep in range(args.reps):
         for clients in args.clients:
-            for variant in VARIANTS:
+            for variant in variants:
                 row = {"rep": rep, **measure(variant, clients, args.rounds, args.local_steps)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.out:
                     with args.out.open("a") as f:
                         f.write(json.dumps(row) + "\n")
-    print(f"\n{'clients':>7} {'variant':>7} {'s/round':>16} {'x floor':>14} {'peak PSS MiB':>18} {'wall s':>7}")
+    print(f"\n{'clients':>7} {'variant':>8} {'s/round':>16} {'x floor':>14} {'peak PSS MiB':>18} {'wall s':>7}")
     for clients in args.clients:
-        by = {v: [r for r in rows if r["clients"] == clients and r["variant"] == v] for v in VARIANTS}
-        ratios = {v: [r["round_s"] / f["round_s"] for r, f in zip(by[v], by["floor"])] for v in VARIANTS}
-        for v in VARIANTS:
-            print(f"{clients:>7} {v:>7} {spread([r['round_s'] for r in by[v]], '.2f'):>16} "
+        by = {v: [r for r in rows if r["clients"] == clients and r["variant"] == v] for v in variants}
+        ratios = {v: [r["round_s"] / f["round_s"] for r, f in zip(by[v], by["floor"])] for v in variants}
+        for v in variants:
+            print(f"{clients:>7} {v:>8} {spread([r['round_s'] for r in by[v]], '.2f'):>16} "
                   f"{spread(ratios[v], '.3f'):>14} {spread([r['peak_pss_mib'] for r in by[v]], '.0f'):>18} "
                   f"{statistics.median([r['wall_s'] for r in by[v]]):>7.0f}")  # fmt: skip
 

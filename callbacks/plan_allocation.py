@@ -11,14 +11,27 @@ replace them one by one:
    task's input second moment). Each task's down-projection ``A_t`` is ``r`` orthonormal directions drawn
    from the pool's free part, kept orthogonal to the directions earlier tasks own and to the memory of old
    tasks' inputs, so tasks own mutually orthogonal subspaces.
-2. *Selection of the basis vectors least sensitive to interference* (``selection``): ``score`` ranks the
-   free directions by ``q^T C_old q / (q^T C_t q + eps)`` (old tasks' input energy along ``q`` over the new
-   task's; ties by the new task's energy) and takes the ``r`` lowest; ``random`` takes any ``r``.
-3. *Perturbation-based optimisation that minimises conflicts* (``perturbation``): ``future`` adds, at every
-   training step, a random low-rank update along still-free pool directions (norm ``perturbation_scale``),
-   so the new task's ``B_t`` is trained to tolerate the adapters later tasks will add; ``past`` instead
-   perturbs the frozen past adapters' ``B`` (relative norm ``perturbation_scale``), so it tolerates drift of
-   what was learned; ``none`` trains plainly. The SAM-style worst-case reading is not implemented.
+2. *Selection of the basis vectors least sensitive to interference* (``selection``). A unit update along a
+   free direction ``q`` moves a task's layer outputs by ``E[(q^T x)^2]`` (measured from input second
+   moments: the old tasks' mean, kept as a statistic, and the new task's, measured before training).
+   ``least_used`` (default) takes the ``r`` directions that move old and new outputs least,
+   ``E_old[(q^T x)^2] + E_t[(q^T x)^2]``; ``sensitivity`` those that move old outputs least against new
+   ones, ``E_old[(q^T x)^2] - E_t[(q^T x)^2]``; ``score`` is the first reconstruction's ratio
+   ``q^T C_old q / (q^T C_t q + eps)``; ``random`` takes any ``r``. On 20 Newsgroups 5 x 4 (3 seeds,
+   benchmarks/RESULTS.md) ``least_used`` beats random selection (+0.014 +- 0.009) and the two others lose to
+   random; training the head alone on the frozen encoder beats them all there, so ``least_used`` may win by
+   adapting least.
+3. *Perturbation-based optimisation that minimises conflicts* (``perturbation``): ``conflict`` adds to the
+   training loss ``perturbation_scale`` times the layers' mean interference ratio ``E_old||B_t A_t x||^2 /
+   E_t||B_t A_t x||^2``: the response of the new adapter to inputs drawn from the old tasks' input
+   distribution (the perturbation, taken in expectation from the kept statistics, so no old data and no
+   noise), per unit of its response to the new task's, so ``B_t`` is steered to the combinations of its basis
+   that conflict least with what earlier tasks learned. ``future`` adds, at every training step, a random
+   low-rank update along still-free pool directions (norm ``perturbation_scale``), so ``B_t`` is trained to
+   tolerate the adapters later tasks will add; ``past`` instead perturbs the frozen past adapters' ``B``
+   (relative norm ``perturbation_scale``); ``none`` (default) trains plainly. Neither ``conflict`` nor
+   ``future`` beat ``none`` beyond the seeds' spread in the benchmark, so the default leaves them off. The
+   SAM-style worst-case reading is not implemented.
 
 ``train_basis=True`` also trains ``A_t``, projected after every step out of the protected subspace (the
 memory plus the other tasks' directions; the shared gradient-projection piece of :class:`SubspaceMemory`).
@@ -37,6 +50,7 @@ from plan.errors import require
 from plan.seeding import step_seed
 from plan.sharding import full_tensor
 from plan.subspace import (
+    interference_ratio,
     interference_scores,
     minor_weight_directions,
     ordered_basis,
@@ -44,25 +58,28 @@ from plan.subspace import (
     project_out,
     random_orthonormal,
     select_lowest,
+    sensitivity_scores,
     top_directions,
 )
 
 POOLS = ("random", "weight_minor", "input_eigen")
-SELECTIONS = ("score", "random")
-PERTURBATIONS = ("none", "future", "past")
+SELECTIONS = ("least_used", "sensitivity", "score", "random")
+PERTURBATIONS = ("none", "conflict", "future", "past")
+DEFAULT_SCALE = {"conflict": 1.0, "future": 0.1, "past": 0.1, "none": 0.0}  # a weight, a norm, a relative norm
 
 
 class PLAN(SubspaceMemory):
     """Per-task orthogonal bases from a pool planned before the first task; see the module docstring.
-    ``seed`` (pool, random selection, perturbation draws) defaults to the run's ``seed_everything`` value."""
+    ``perturbation_scale`` defaults to the perturbation's own (``DEFAULT_SCALE``); ``seed`` (pool, random
+    selection, perturbation draws) to the run's ``seed_everything`` value."""
 
     def __init__(
         self,
         pool: str = "random",
         pool_size: int | None = None,
-        selection: str = "score",
-        perturbation: str = "future",
-        perturbation_scale: float = 0.1,
+        selection: str = "least_used",
+        perturbation: str = "none",
+        perturbation_scale: float | None = None,
         train_basis: bool = False,
         threshold_start: float = 0.95,
         threshold_end: float = 1.0,
@@ -76,7 +93,12 @@ class PLAN(SubspaceMemory):
             ("perturbation", perturbation, PERTURBATIONS),
         ):
             require(value in valid, f"PLAN {name} must be one of {valid}, got {value!r}")
-        require(perturbation_scale >= 0, f"PLAN perturbation_scale must be >= 0 (a norm), got {perturbation_scale}")
+        if perturbation_scale is None:
+            perturbation_scale = DEFAULT_SCALE[perturbation]
+        require(
+            perturbation_scale >= 0,
+            f"PLAN perturbation_scale must be >= 0 (a norm or a weight), got {perturbation_scale}",
+        )
         require(
             pool_size is None or pool_size >= 1,
             f"PLAN pool_size must be >= 1 or None (the layer's input width), got {pool_size}",
@@ -91,6 +113,8 @@ class PLAN(SubspaceMemory):
         self._noise: dict[str, Tensor] = {}
         self._free: dict[str, Tensor] = {}  # self.free on the model's device while a task trains
         self.free: dict[str, Tensor] = {}  # per layer, the still-free directions the current task is perturbed along
+        # per layer, the old tasks' and the current task's input second moments seen through the task's basis
+        self.moments: dict[str, tuple[Tensor, Tensor]] = {}
 
     # -- components ---------------------------------------------------------------------------------------
 
@@ -106,11 +130,15 @@ class PLAN(SubspaceMemory):
         return top_directions(covariance, size)
 
     def select(self, candidates: Tensor, old: Tensor, new: Tensor, rank: int, generator: torch.Generator) -> Tensor:
-        """Component 2: indices of the ``rank`` candidate directions to allocate."""
+        """Component 2: indices of the ``rank`` candidate directions to allocate (``old``: the old tasks' mean
+        input second moment, ``new``: the new task's)."""
         if self.selection == "random":
             return torch.randperm(candidates.shape[1], generator=generator)[:rank]
         new_energy = ((new @ candidates) * candidates).sum(0)
-        return select_lowest(interference_scores(candidates, old, new), rank, tie_break=new_energy)
+        if self.selection == "least_used":
+            return select_lowest(((old + new) @ candidates * candidates).sum(0), rank)
+        score = sensitivity_scores if self.selection == "sensitivity" else interference_scores
+        return select_lowest(score(candidates, old, new), rank, tie_break=new_energy)
 
     # -- allocation ---------------------------------------------------------------------------------------
 
@@ -140,13 +168,15 @@ class PLAN(SubspaceMemory):
                     f"PLAN: layer '{name}' has {candidates.shape[1]} free directions left for task {task}, needs "
                     f"rank {layer.rank}; use a larger pool_size, a smaller rank, or a lower memory threshold"
                 )
-            old = self.old_covariance.get(name, torch.zeros_like(new))
+            old = self.old_covariance.get(name, torch.zeros_like(new)) / max(task, 1)  # mean over old tasks
             chosen = self.select(candidates, old, new, layer.rank, generator)
             rest = torch.ones(candidates.shape[1], dtype=torch.bool)
             rest[chosen] = False
-            self.allocated.setdefault(name, []).append(candidates[:, chosen])
+            basis = candidates[:, chosen]
+            self.allocated.setdefault(name, []).append(basis)
+            self.moments[name] = (basis.T @ old @ basis, basis.T @ new @ basis)
             free[name] = candidates[:, rest][:, : layer.rank]  # orthonormal candidates: the rest stay free
-            layer.lora_A.copy_(candidates[:, chosen].T.to(layer.lora_A))
+            layer.lora_A.copy_(basis.T.to(layer.lora_A))
             layer.lora_B.zero_()
             layer.lora_A.requires_grad_(self.train_basis)
         self.free = free
@@ -170,7 +200,9 @@ class PLAN(SubspaceMemory):
 
     def _start_perturbation(self, pl_module: pl.LightningModule) -> None:
         self._stop_perturbation()
-        if self.perturbation == "none":
+        if self.perturbation == "conflict":
+            self._register_conflict(pl_module)
+        if self.perturbation in ("none", "conflict"):
             return
         for name, layer in pl_module.lora_layers.items():
             if self.perturbation == "future":
@@ -178,6 +210,21 @@ class PLAN(SubspaceMemory):
             self._hooks.append(
                 layer.register_forward_hook(lambda module, args, out, n=name: self._perturb(n, module, args[0], out))
             )
+
+    def _register_conflict(self, pl_module: pl.LightningModule) -> None:
+        """The ``conflict`` term: ``perturbation_scale`` times the layers' mean interference ratio (measured
+        through the basis allocated at the task start; with ``train_basis`` the basis moves a little from it)."""
+        layers = pl_module.lora_layers
+        moments = {
+            name: (old.to(layers[name].lora_B), new.to(layers[name].lora_B))
+            for name, (old, new) in self.moments.items()
+        }
+
+        def conflict() -> Tensor:
+            ratios = [interference_ratio(layers[name].lora_B, old, new) for name, (old, new) in moments.items()]
+            return self.perturbation_scale * torch.stack(ratios).mean()
+
+        pl_module.register_loss_term("plan_conflict", conflict)
 
     def _stop_perturbation(self) -> None:
         for hook in self._hooks:
@@ -187,7 +234,7 @@ class PLAN(SubspaceMemory):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         """Draw this step's perturbation: ``U F^T`` with ``||U||_F = scale`` (future) or ``dB`` with
         ``||dB|| = scale * ||B_past||`` (past)."""
-        if self.perturbation == "none":
+        if self.perturbation in ("none", "conflict"):
             return
         generator = torch.Generator().manual_seed(step_seed(run_seed(self.seed), trainer.current_epoch, batch_idx))
         for name, layer in pl_module.lora_layers.items():
@@ -207,6 +254,7 @@ class PLAN(SubspaceMemory):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_perturbation()
+        pl_module.loss_terms.pop("plan_conflict", None)
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
@@ -217,13 +265,15 @@ class PLAN(SubspaceMemory):
             "allocated": self.allocated,
             "old_covariance": self.old_covariance,
             "free": self.free,
+            "moments": self.moments,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        self.pools, self.allocated, self.old_covariance, self.free = (
+        self.pools, self.allocated, self.old_covariance, self.free, self.moments = (
             state_dict["pools"],
             state_dict["allocated"],
             state_dict["old_covariance"],
             state_dict["free"],
+            state_dict["moments"],
         )

@@ -167,6 +167,21 @@ def interference_scores(candidates: Tensor, old: Tensor, new: Tensor, eps: float
     return old_energy / (new_energy + eps)
 
 
+def sensitivity_scores(candidates: Tensor, old: Tensor, new: Tensor) -> Tensor:
+    """Per candidate direction q: ``E_old[(q^T x)^2] - E_new[(q^T x)^2]``, how much more a unit update along q
+    moves the old tasks' outputs (mean second moment ``old``) than the new task's (``new``), both measured at
+    the layer. Low means the direction reaches the new task's inputs and spares the old ones; unlike a ratio it
+    does not favour directions that neither task uses."""
+    return ((old - new) @ candidates * candidates).sum(0)
+
+
+def interference_ratio(b: Tensor, old: Tensor, new: Tensor, eps: float = 1e-12) -> Tensor:
+    """``E_old||B A x||^2 / E_new||B A x||^2``: how far the update ``B A`` moves the old tasks' layer outputs per
+    unit of movement of the new task's, from the inputs' second moments seen through the basis (``old = A C_old
+    A^T`` and ``new = A C_new A^T``, both ``r x r``; no old data). Scale-free in ``B``; 0 at ``B = 0``."""
+    return ((b @ old) * b).sum() / (((b @ new) * b).sum() + eps)
+
+
 def select_lowest(scores: Tensor, count: int, tie_break: Tensor | None = None) -> Tensor:
     """Indices of the ``count`` lowest scores; equal scores go to the larger ``tie_break`` value first."""
     if count > len(scores):

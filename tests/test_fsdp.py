@@ -54,8 +54,8 @@ def subspace_callbacks(method: str, **options) -> list[dict]:
     ("run", "method", "options", "blocks"),
     [
         ("tiny", "InfLoRA", {}, "3 blocks (BertEmbeddings, BertLayer)"),
-        ("tiny", "PLAN", {"pool": "weight_minor"}, "3 blocks (BertEmbeddings, BertLayer)"),
-        ("tiny_lm", "PLAN", {}, "2 blocks (LlamaDecoderLayer)"),
+        ("tiny", "PLAN", {"pool": "weight_minor", "perturbation": "future"}, "3 blocks (BertEmbeddings, BertLayer)"),
+        ("tiny_lm", "PLAN", {"perturbation": "conflict"}, "2 blocks (LlamaDecoderLayer)"),
     ],
     ids=["InfLoRA", "PLAN-weight_minor", "LM-PLAN"],
 )

@@ -25,7 +25,15 @@ from plan.cli import run_cli
 from plan.datamodules import DataSource, Examples, SyntheticSource, TaskSequenceDataModule
 from plan.lora import LoRAConfig, LoRALinear
 from plan.module import ContinualClassifier
-from plan.subspace import expand_memory, interference_scores, orthogonality_penalty, random_orthonormal, select_lowest
+from plan.subspace import (
+    expand_memory,
+    interference_ratio,
+    interference_scores,
+    orthogonality_penalty,
+    random_orthonormal,
+    select_lowest,
+    sensitivity_scores,
+)
 
 # -- pure pieces --------------------------------------------------------------------------------------------
 
@@ -51,6 +59,48 @@ def test_selection_picks_lowest_interference_on_a_known_example():
     assert select_lowest(scores, 3, tie_break=new_energy).tolist() == [2, 0, 3]
     with pytest.raises(ValueError, match="pool of 4"):
         select_lowest(scores, 5)
+
+
+def test_selections_rank_directions_by_the_measured_output_movement():
+    """Sensitivity scores equal mean old minus mean new squared projections of explicit samples. In a frame
+    where old energy is (1, 0, 0, 3) and new (4, 1e-9, 2, 3), sensitivity takes directions 0 and 2, which the
+    new task uses most against the old; the first reconstruction's ratio takes 2 and the direction 1 that
+    neither task uses, and least_used takes 1 and 2, which move every task's outputs least."""
+    g = torch.Generator().manual_seed(0)
+    old_x, new_x = (
+        torch.randn(50, 6, generator=g, dtype=torch.float64),
+        torch.randn(40, 6, generator=g, dtype=torch.float64),
+    )
+    candidates = random_orthonormal(6, 4, g)
+    expected = ((old_x @ candidates) ** 2).mean(0) - ((new_x @ candidates) ** 2).mean(0)
+    got = sensitivity_scores(candidates, old_x.T @ old_x / 50, new_x.T @ new_x / 40)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+    rotation = random_orthonormal(4, 4, g)
+    old = rotation @ diagonal(1.0, 0.0, 0.0, 3.0) @ rotation.T
+    new = rotation @ diagonal(4.0, 1e-9, 2.0, 3.0) @ rotation.T
+    new_energy = torch.tensor([4.0, 1e-9, 2.0, 3.0], dtype=torch.float64)
+    assert sorted(select_lowest(sensitivity_scores(rotation, old, new), 2, new_energy).tolist()) == [0, 2]
+    assert sorted(select_lowest(interference_scores(rotation, old, new), 2, new_energy).tolist()) == [1, 2]
+    # least_used: the directions that move old and new outputs least, old + new = (5, ~0, 2, 6)
+    generator = torch.Generator().manual_seed(0)
+    assert sorted(PLAN(selection="least_used").select(rotation, old, new, 2, generator).tolist()) == [1, 2]
+    assert sorted(PLAN(selection="sensitivity").select(rotation, old, new, 2, generator).tolist()) == [0, 2]
+
+
+def test_interference_ratio_is_the_old_over_new_output_movement_of_samples():
+    g = torch.Generator().manual_seed(1)
+    old_x, new_x = (
+        torch.randn(30, 8, generator=g, dtype=torch.float64),
+        torch.randn(20, 8, generator=g, dtype=torch.float64),
+    )
+    a = random_orthonormal(8, 3, g).T  # 3 x 8, rows orthonormal
+    b = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    moved = lambda x: (x @ a.T @ b.T).pow(2).sum(1).mean()
+    in_basis = lambda x: a @ (x.T @ x / len(x)) @ a.T
+    got = interference_ratio(b, in_basis(old_x), in_basis(new_x))
+    torch.testing.assert_close(got, moved(old_x) / moved(new_x), atol=1e-12, rtol=1e-10)
+    assert interference_ratio(torch.zeros(5, 3, dtype=torch.float64), in_basis(old_x), in_basis(new_x)).item() == 0.0
 
 
 def test_memory_with_threshold_one_spans_the_inputs():
@@ -232,31 +282,37 @@ def fit_tiny(tmp_path, *callbacks, adapters: str = "stacked", tasks: int = 3):
     return model
 
 
+@torch.no_grad()
+def hooked_inputs(trainer, pl_module, task: int, max_examples: int | None = None) -> dict[str, torch.Tensor]:
+    """Every real token's input to every LoRA layer (padding left out) over ``task``'s training data, in plain torch."""
+    inputs: dict[str, list] = {name: [] for name in pl_module.lora_layers}
+    batch: dict = {}
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda _, args, n=name: inputs[n].append(args[0][batch["attention_mask"].bool()].double())
+        )
+        for name, layer in pl_module.lora_layers.items()
+    ]
+    pl_module.eval()
+    for batch in trainer.datamodule.task_train_loader(task, max_examples):
+        pl_module(batch)
+    pl_module.train()
+    for hook in hooks:
+        hook.remove()
+    return {name: torch.cat(x) for name, x in inputs.items()}
+
+
 class CovarianceCheck(TaskCallback):
     """At task 0's start, the method's input covariances next to ones computed from hooked inputs in plain torch."""
 
     def __init__(self, method, max_examples: int) -> None:
         self.method, self.max_examples = method, max_examples
 
-    @torch.no_grad()
     def on_task_start(self, trainer, pl_module, task):
         if task:
             return
-        inputs = {name: [] for name in pl_module.lora_layers}
-        batch = {}
-        hooks = [  # every real token's input, padding positions left out
-            layer.register_forward_pre_hook(
-                lambda _, args, n=name: inputs[n].append(args[0][batch["attention_mask"].bool()].double())
-            )
-            for name, layer in pl_module.lora_layers.items()
-        ]
-        pl_module.eval()
-        for batch in trainer.datamodule.task_train_loader(0, self.max_examples):
-            pl_module(batch)
-        pl_module.train()
-        for hook in hooks:
-            hook.remove()
-        self.expected = {name: torch.cat(x).T @ torch.cat(x) / sum(len(t) for t in x) for name, x in inputs.items()}
+        inputs = hooked_inputs(trainer, pl_module, 0, self.max_examples)
+        self.expected = {name: x.T @ x / len(x) for name, x in inputs.items()}
         self.got = self.method.input_covariances(trainer, pl_module, 0)
 
 
@@ -329,6 +385,66 @@ def test_plan_future_perturbation_lies_outside_everything_owned(tmp_path):
 
     fit_tiny(tmp_path, method, Probe(check))
     assert any(size > 0 for size, _ in seen) and max(overlap for _, overlap in seen) < 1e-6
+
+
+class ConflictCheck(TaskCallback):
+    """Keeps every finished task's layer inputs (the test may keep old data; PLAN may not) and, a few steps into
+    each later task, compares PLAN's conflict term with the old tasks' mean output movement per unit of the new
+    task's, computed from those inputs and the ones hooked at the task start."""
+
+    def __init__(self, method) -> None:
+        self.method, self.ended, self.task, self.checked = method, [], 0, []
+
+    def on_task_start(self, trainer, pl_module, task):
+        self.task, self.starting = task, hooked_inputs(trainer, pl_module, task)
+
+    def on_task_end(self, trainer, pl_module, task):
+        self.ended.append(hooked_inputs(trainer, pl_module, task))
+
+    @torch.no_grad()
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.task == 0 or batch_idx != 3:
+            return
+        ratios = []
+        for name, layer in pl_module.lora_layers.items():
+            a, b = layer.lora_A.double(), layer.lora_B.double()
+            moved = lambda x, a=a, b=b: (x @ a.T @ b.T).pow(2).sum(1).mean()
+            ratios.append(
+                sum(moved(inputs[name]) for inputs in self.ended) / len(self.ended) / moved(self.starting[name])
+            )
+        expected = self.method.perturbation_scale * torch.stack(ratios).mean()
+        self.checked.append((pl_module.loss_terms["plan_conflict"]().item(), expected.item()))
+
+
+def test_plan_conflict_term_is_the_old_tasks_output_movement_per_unit_of_the_new_tasks(tmp_path):
+    method = PLAN(threshold_start=0.5, threshold_end=0.6, perturbation="conflict", perturbation_scale=0.7)
+    check = ConflictCheck(method)
+    fit_tiny(tmp_path, method, check)
+    assert len(check.checked) == 2 and all(expected > 0 for _, expected in check.checked)
+    for got, expected in check.checked:
+        assert got == pytest.approx(expected, rel=1e-4)
+
+
+def test_plan_conflict_steers_the_new_adapters_away_from_old_inputs(tmp_path):
+    """Against the same run without it, the conflict term lowers every later task's interference ratio at its end."""
+    ratios: dict[str, list[float]] = {}
+
+    class RatioAtTaskEnd(TaskCallback):
+        def __init__(self, method, key):
+            self.method, self.key = method, key
+
+        def on_task_end(self, trainer, pl_module, task):
+            if task:
+                values = [
+                    interference_ratio(layer.lora_B.detach().double(), *self.method.moments[name]).item()
+                    for name, layer in pl_module.lora_layers.items()
+                ]
+                ratios.setdefault(self.key, []).append(sum(values) / len(values))
+
+    for perturbation in ("conflict", "none"):
+        method = PLAN(threshold_start=0.5, threshold_end=0.6, perturbation=perturbation)
+        fit_tiny(tmp_path / perturbation, method, RatioAtTaskEnd(method, perturbation))
+    assert all(c < n for c, n in zip(ratios["conflict"], ratios["none"], strict=True)), ratios
 
 
 def test_olora_loss_term_equals_formula(tmp_path):

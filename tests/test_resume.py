@@ -52,6 +52,13 @@ METHODS = {
             "init_args": {"perturbation": "future", "max_examples": 16, "threshold_start": 0.8, "threshold_end": 0.8},
         },
     ),
+    "plan+conflict": callbacks(  # the loss term reads the task's moments, which a checkpoint must carry
+        "stacked",
+        {
+            "class_path": "plan.callbacks.PLAN",
+            "init_args": {"perturbation": "conflict", "max_examples": 16, "threshold_start": 0.8, "threshold_end": 0.8},
+        },
+    ),
 }
 
 
