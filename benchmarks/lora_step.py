@@ -32,6 +32,7 @@ Usage::
     python benchmarks/lora_step.py                       # CPU, batch 16, seq len 128, rank 8
     python benchmarks/lora_step.py --device cuda --json  # same on a GPU, machine-readable
     python benchmarks/lora_step.py --model smollm --batch 8 --trials 8   # the embedded LLM
+    python benchmarks/lora_step.py --device cuda --config .gpu/minilm/backbone_config.json  # random weights
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -61,7 +63,11 @@ def build(variant: str, args: argparse.Namespace) -> torch.nn.Module:
     from plan.models import EMBEDDED_SMOLLM, load_backbone, load_causal_lm
 
     torch.manual_seed(args.seed)
-    model = load_causal_lm(EMBEDDED_SMOLLM) if args.model == "smollm" else load_backbone()
+    config = json.loads(args.config.read_text()) if args.config else None  # random weights of these shapes
+    if args.model == "smollm":
+        model = load_causal_lm(EMBEDDED_SMOLLM, config)
+    else:
+        model = load_backbone(config=config) if config else load_backbone()
     targets = TARGETS[args.model]
     if variant == "plan":
         from plan.lora import LoRAConfig, inject_lora
@@ -251,7 +257,7 @@ def memory_in_subprocess(variant: str, args: argparse.Namespace, method: str) ->
         "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
         "--alpha", str(args.alpha), "--dropout", str(args.dropout), "--steps", str(args.steps),
         "--warmup", str(args.warmup), "--device", args.device, "--threads", str(args.threads),
-        "--seed", str(args.seed), "--model", args.model,
+        "--seed", str(args.seed), "--model", args.model, *(["--config", str(args.config)] if args.config else []),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -372,6 +378,12 @@ def measure_time(args: argparse.Namespace, log) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=sorted(TARGETS), default="minilm")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="a model config JSON (model_type plus its fields): random weights of those shapes instead of the "
+        "embedded model's (benchmarks/gpu_check.sh carries the embedded models' configs, not their weights)",
+    )
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--rank", type=int, default=8)
