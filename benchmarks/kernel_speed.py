@@ -10,8 +10,8 @@ measured at the start of the run (a device-to-device copy of 1 GiB, bytes read p
 their share of the datasheet's dense peak, and the peak memory of each variant. Before anything is timed, the
 outputs and the gradients of x, A and B of both the fused and the eager layer are compared with an fp32
 reference on the same operands (``rel.err``: the fused layer's largest normwise error; ``eager err``: eager's
-own rounding in the same dtype, the scale to judge it by). The issue's rule: a kernel stays only if it beats ``torch.compile`` by 10 % or
-more; the last column says whether each shape meets it.
+own rounding in the same dtype, the scale to judge it by). The issue's rule: a kernel stays only if it beats
+``torch.compile`` by 10 % or more; the last column says whether each shape meets it.
 
 Usage::
 
