@@ -6,9 +6,9 @@
 #   bash benchmarks/gpu_check.sh run --cpu   # here: every step on the CPU at toy sizes, to check the script
 #
 # The device machine has torch, triton, lightning, transformers, peft and torchmetrics but reaches no registry
-# and takes at most 64 MiB of files (.gpu/ is about 5 MiB). So `prepare` puts into .gpu/ what it lacks: plan's own wheel, the
-# pure-Python wheels of jsonargparse and its signature extras, and the embedded MiniLM's and SmolLM2's configs
-# and tokenizers without their weights. The runs use random weights of the same shapes (`backbone_config`) and
+# and takes at most 64 MiB of files. So `prepare` puts into .gpu/ (about 5 MiB) what it lacks: plan's own wheel,
+# the pure-Python wheels of jsonargparse and its signature extras, and the embedded MiniLM's and SmolLM2's
+# configs and tokenizers without their weights. The runs use random weights of the same shapes (`backbone_config`) and
 # the synthetic text source; accuracies there say that training runs on CUDA, not how good a model is.
 #
 # Results land in $OUT (here without a device: /tmp/gpu_check): env.json, kernels.json, lora_step_minilm.json,
@@ -58,12 +58,11 @@ run() {
         export TRITON_INTERPRET=1
     else
         kernels=(--hidden 768 4096 --ranks 16 64 --tokens 16384 --dropout 0.0 0.1 --compile-mode default)
-        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     fi
     python3 - "$OUT/env.json" <<'EOF'
 import json, platform, subprocess, sys
 import lightning, peft, torch, transformers, triton
-smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                      capture_output=True, text=True).stdout.strip() if torch.cuda.is_available() else None
 env = {"gpu": smi, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
        "lightning": lightning.__version__, "transformers": transformers.__version__, "peft": peft.__version__,

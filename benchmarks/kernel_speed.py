@@ -207,7 +207,7 @@ def peak_mib(step: Callable[[], None], ops: dict) -> float:
 
 
 def measure(
-    hidden: int, rank: int, tokens: int, dropout: float, args: argparse.Namespace, peak_bw, peak_flops
+    hidden: int, rank: int, tokens: int, dropout: float, args: argparse.Namespace, copy_bw, peak_flops
 ) -> Record:
     """Check the fused and eager layers against fp32 on this shape, then time and measure every variant."""
     import torch
@@ -232,7 +232,7 @@ def measure(
         speedup_vs_eager=times["eager"] / times["fused"],
         speedup_vs_compile=times["compile"] / times["fused"],
         fused_gbs=nbytes / fused_s / 1e9,
-        fused_bw_share=nbytes / fused_s / peak_bw if peak_bw else None,
+        fused_bw_share=nbytes / fused_s / copy_bw if copy_bw else None,
         fused_tflops=flops / fused_s / 1e12,
         fused_flop_share=flops / fused_s / peak_flops if peak_flops else None,
         eager_mib=memory["eager"],
@@ -275,13 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     name = "CPU, Triton interpreter (smoke run, no performance figures)" if args.smoke else torch.cuda.get_device_name()
-    peak_bw = None if args.smoke else copy_bandwidth()
+    copy_bw = None if args.smoke else copy_bandwidth()
     peak_flops = None if args.smoke else next((f for key, f in PEAK_FLOPS if key in name), None)
     versions = f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}"
     print(f"device: {name}; {versions}, python {platform.python_version()}")
-    peak_text = "n/a" if args.smoke else f"{peak_bw / 1e12:.2f} TB/s"
+    copy_text = "n/a" if args.smoke else f"{copy_bw / 1e12:.2f} TB/s"
     print(
-        f"dtype {args.dtype}; compile mode {args.compile_mode}; measured copy bandwidth {peak_text}; "
+        f"dtype {args.dtype}; compile mode {args.compile_mode}; measured copy bandwidth {copy_text}; "
         f"a kernel stays if fused beats compile by {100 * (KEEP_RATIO - 1):.0f}% or more"
     )
     header = (
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         for rank in args.ranks:
             for tokens in args.tokens:
                 for dropout in args.dropout:
-                    records.append(measure(hidden, rank, tokens, dropout, args, peak_bw, peak_flops))
+                    records.append(measure(hidden, rank, tokens, dropout, args, copy_bw, peak_flops))
                     print(row(records[-1]), flush=True)
     if args.smoke:
         print("smoke run done: the script works; its timings are interpreter timings and say nothing of the kernels")
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fused vs compile: geometric mean {geo:.2f}x; meets the 10% rule on {kept} of {len(records)} shapes")
     if args.json:
         run = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "dtype": args.dtype}
-        run |= {"copy_bandwidth_bytes_per_s": peak_bw}
+        run |= {"copy_bandwidth_bytes_per_s": copy_bw}
         run |= {"compile_mode": args.compile_mode, "records": [asdict(r) for r in records]}
         with open(args.json, "w") as f:
             json.dump(run, f, indent=2)

@@ -67,7 +67,7 @@ def build(variant: str, args: argparse.Namespace) -> torch.nn.Module:
     if args.model == "smollm":
         model = load_causal_lm(EMBEDDED_SMOLLM, config)
     else:
-        model = load_backbone(config=config) if config else load_backbone()
+        model = load_backbone(config=config)
     targets = TARGETS[args.model]
     if variant == "plan":
         from plan.lora import LoRAConfig, inject_lora
