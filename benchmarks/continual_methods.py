@@ -36,7 +36,8 @@ continues); the table printed at the end gives mean +- std over seeds of the fin
 incremental accuracy, forgetting and BWT, plus two overheads measured in the same runs: the median
 training-step time relative to sequential LoRA's, and the task-boundary work (statistics, SVD, selection,
 memory update) as a share of the task's training time. The boundary work is a fixed cost per task, so its
-share shrinks as tasks grow: ``--train-per-class`` and ``--max-tasks`` measure it on larger tasks.
+share shrinks as tasks grow: ``--train-per-class`` and ``--max-tasks`` measure it on larger tasks. ``--table``
+prints the table of whatever ``--out`` holds at the given settings without running anything.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from pathlib import Path
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
-from resumable import run_missing
+from resumable import recorded, run_missing
 
 from plan.callbacks import ForgettingLogger
 from plan.cli import run_cli
@@ -308,6 +309,11 @@ def main() -> None:
         type=Path,
         help="results (default benchmarks/continual_methods.jsonl; llm3: benchmarks/llm_continual.jsonl)",
     )
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="print the table of the runs --out already holds at these settings, and run nothing",
+    )
     args = parser.parse_args()
     kinds = {kind: [s for s in args.scenarios if (s in LLM_SCENARIOS) == (kind == "llm")] for kind in DEFAULTS}
     kinds = {kind: scenarios for kind, scenarios in kinds.items() if scenarios}
@@ -336,8 +342,8 @@ def main() -> None:
             for seed in args.seeds
             for method in option("methods")
         ]
-        done = run_missing(option("out"), jobs, key, run, describe)
-        print(summarise([r for r in done if tuple(r[k] for k in key[3:]) == settings]))
+        done = recorded(option("out")) if args.table else run_missing(option("out"), jobs, key, run, describe)
+        print(summarise([r for r in done if r["scenario"] in scenarios and tuple(r[k] for k in key[3:]) == settings]))
 
 
 if __name__ == "__main__":
