@@ -175,6 +175,24 @@ def sensitivity_scores(candidates: Tensor, old: Tensor, new: Tensor) -> Tensor:
     return ((old - new) @ candidates * candidates).sum(0)
 
 
+def contrast_directions(candidates: Tensor, old: Tensor, new: Tensor, rank: int) -> Tensor:
+    """An orthonormal basis (``d x rank``) of the ``rank`` directions in span(candidates) with the most new-task
+    input energy per unit of old-task energy: the leading generalized eigenvectors of ``q^T C_new q / (q^T C_old
+    q + s)``, with ``s`` the new task's mean energy per candidate direction (so a direction no task uses scores
+    low, and with no old tasks the answer is the new inputs' principal directions in the span). Unlike picking
+    candidate columns, it may turn inside the span, so a random pool still yields data-aligned directions."""
+    if rank > candidates.shape[1]:
+        raise ValueError(f"cannot select {rank} directions from a pool of {candidates.shape[1]} free ones")
+    new_in, old_in = candidates.T @ new @ candidates, candidates.T @ old @ candidates
+    shift = (new_in.trace() / candidates.shape[1]).clamp_min(torch.finfo(new_in.dtype).tiny)
+    factor = torch.linalg.cholesky(old_in + shift * torch.eye(len(old_in), dtype=old_in.dtype))
+    whitened = torch.linalg.solve_triangular(factor, new_in, upper=False)
+    whitened = torch.linalg.solve_triangular(factor, whitened.T, upper=False)  # L^-1 C_new L^-T, symmetric
+    values, vectors = torch.linalg.eigh((whitened + whitened.T) / 2)
+    leading = vectors[:, values.argsort(descending=True)[:rank]]
+    return ordered_basis(candidates @ torch.linalg.solve_triangular(factor.T, leading, upper=True))
+
+
 def interference_ratio(b: Tensor, old: Tensor, new: Tensor, eps: float = 1e-12) -> Tensor:
     """``E_old||B A x||^2 / E_new||B A x||^2``: how far the update ``B A`` moves the old tasks' layer outputs per
     unit of movement of the new task's, from the inputs' second moments seen through the basis (``old = A C_old

@@ -26,6 +26,7 @@ from plan.datamodules import DataSource, Examples, SyntheticSource, TaskSequence
 from plan.lora import LoRAConfig, LoRALinear
 from plan.module import ContinualClassifier
 from plan.subspace import (
+    contrast_directions,
     expand_memory,
     interference_ratio,
     interference_scores,
@@ -86,6 +87,48 @@ def test_selections_rank_directions_by_the_measured_output_movement():
     generator = torch.Generator().manual_seed(0)
     assert sorted(PLAN(selection="least_used").select(rotation, old, new, 2, generator).tolist()) == [1, 2]
     assert sorted(PLAN(selection="sensitivity").select(rotation, old, new, 2, generator).tolist()) == [0, 2]
+
+
+def span_projector(basis: torch.Tensor) -> torch.Tensor:
+    return basis @ torch.linalg.pinv(basis)
+
+
+def test_contrast_takes_the_most_new_energy_per_unit_of_old_energy():
+    """In a frame with old energy (0, 5, 0, 1) and new (1, 1, 3, 1) the shift is the mean new energy 1.5, so the
+    ratios new / (old + 1.5) are (0.67, 0.15, 2, 0.4): contrast takes directions 2 and 0. On a random pool it
+    spans the leading eigenvectors of (C_old + s I)^-1 C_new (a general eigensolver, independent of its
+    Cholesky route), turned inside the pool's span, orthonormal; with no old task, the new inputs' principal
+    directions in the span."""
+    rotation = random_orthonormal(4, 4, torch.Generator().manual_seed(0))
+    old = rotation @ diagonal(0.0, 5.0, 0.0, 1.0) @ rotation.T
+    new = rotation @ diagonal(1.0, 1.0, 3.0, 1.0) @ rotation.T
+    torch.testing.assert_close(
+        span_projector(contrast_directions(rotation, old, new, 2)), span_projector(rotation[:, [2, 0]])
+    )
+    generator = torch.Generator().manual_seed(0)
+    chosen = PLAN(selection="contrast").allocate(rotation, old, new, 1, generator)
+    torch.testing.assert_close(span_projector(chosen), span_projector(rotation[:, [2]]))
+
+    g = torch.Generator().manual_seed(3)
+    old_x, new_x = (
+        torch.randn(40, 7, generator=g, dtype=torch.float64),
+        torch.randn(30, 7, generator=g, dtype=torch.float64),
+    )
+    old, new = old_x.T @ old_x / 40, (new_x * torch.arange(1.0, 8.0, dtype=torch.float64)).T @ new_x / 30
+    new = (new + new.T) / 2
+    pool = random_orthonormal(7, 5, g)
+    basis = contrast_directions(pool, old, new, 2)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(2, dtype=torch.float64))
+    torch.testing.assert_close(span_projector(pool) @ basis, basis)  # inside the pool's span
+    new_in, old_in = pool.T @ new @ pool, pool.T @ old @ pool
+    values, vectors = torch.linalg.eig(torch.linalg.solve(old_in + new_in.trace() / 5 * torch.eye(5), new_in))
+    leading = vectors.real[:, values.real.argsort(descending=True)[:2]]
+    torch.testing.assert_close(span_projector(basis), span_projector(pool @ leading))
+    no_old = contrast_directions(pool, torch.zeros_like(old), new, 2)
+    _, eigenvectors = torch.linalg.eigh(new_in)
+    torch.testing.assert_close(span_projector(no_old), span_projector(pool @ eigenvectors[:, -2:]))
+    with pytest.raises(ValueError, match="pool of 5"):
+        contrast_directions(pool, old, new, 6)
 
 
 def test_interference_ratio_is_the_old_over_new_output_movement_of_samples():
@@ -346,8 +389,11 @@ def test_inflora_down_projection_is_orthogonal_to_memory(tmp_path):
     assert max(overlap for _, _, overlap in overlaps) < 1e-5
 
 
-def test_plan_bases_are_orthonormal_and_disjoint(tmp_path):
-    method = PLAN(threshold_start=0.5, threshold_end=0.6)
+@pytest.mark.parametrize("selection", ["least_used", "contrast"])
+def test_plan_bases_are_orthonormal_and_disjoint(tmp_path, selection):
+    """Columns picked from the pool or turned inside its free span, every task's basis is orthonormal and
+    orthogonal to every other task's."""
+    method = PLAN(selection=selection, threshold_start=0.5, threshold_end=0.6)
     model = fit_tiny(tmp_path, method)
     for name, layer in model.lora_layers.items():
         bases = torch.cat(method.allocated[name], dim=1)
@@ -370,8 +416,9 @@ def test_plan_draws_follow_the_run_seed_unless_given_one(tmp_path, monkeypatch):
     assert torch.equal(first_basis(1, 5), first_basis(2, 5))
 
 
-def test_plan_future_perturbation_lies_outside_everything_owned(tmp_path):
-    method = PLAN(threshold_start=0.5, threshold_end=0.6, perturbation="future")
+@pytest.mark.parametrize("selection", ["least_used", "contrast"])
+def test_plan_future_perturbation_lies_outside_everything_owned(tmp_path, selection):
+    method = PLAN(selection=selection, threshold_start=0.5, threshold_end=0.6, perturbation="future")
     seen = []
 
     def check(pl_module, task):
