@@ -22,7 +22,7 @@ replace them one by one:
    old-task energy (generalized eigenvectors; with no old task, the new inputs' principal directions).
    Evidence (benchmarks/RESULTS.md, 3 seeds): on 20 Newsgroups 5 x 4 ``least_used`` beats random selection by
    +0.014 +- 0.009 at 64 tokens and +0.013 +- 0.016 at 128; ``sensitivity`` and ``score`` lose to random (64
-   tokens), and ``contrast`` to ``least_used`` by 0.11 (128 tokens, one seed). There training the head alone on
+   tokens), and ``contrast`` to ``least_used`` by 0.097 +- 0.018 (128 tokens). There training the head alone on
    the frozen encoder beats every LoRA method, so ``least_used`` may win by adapting least. On the 4-domain
    split the selections tie. On the language-model benchmark ``least_used`` barely learns and ``contrast``
    beats random by +0.215 +- 0.032 (every seed), so the LLM configs use ``contrast``; the default stays
